@@ -1,0 +1,83 @@
+"""The one settings object of animabot.
+
+Every knob is read from the environment with the ``ANIMABOT_`` prefix or from a ``.env`` file in the
+working directory, and every knob has a default that runs with nothing configured: a SQLite database and
+a media folder under ``./animabot-data``. ``.env.example`` documents each one; a test keeps the two in step.
+
+    >>> settings = Settings(data_dir="/srv/animabot")   # explicit values win over the environment
+    >>> settings.database_url
+    'sqlite:////srv/animabot/animabot.db'
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Configuration for every process of animabot (CLI, bot, workers)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ANIMABOT_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # Storage.
+    data_dir: Path = Field(Path("animabot-data"), description="Folder for the SQLite database and media.")
+    database_url: str = Field("", description="SQLAlchemy URL; empty means SQLite inside data_dir.")
+    media_dir: Path | None = Field(None, description="Where artifacts go; empty means data_dir/media.")
+
+    # Generation defaults.
+    default_backend: str = Field("local", description="Backend used when the user names none.")
+    default_duration: float = Field(5.0, gt=0, description="Clip length in seconds when none is asked.")
+    default_motion: int = Field(2, ge=0, le=4, description="Motion strength 0..4 when none is asked.")
+    output_fps: int = Field(24, ge=1, le=60, description="Frame rate of delivered clips.")
+    output_long_side: int = Field(1280, ge=256, le=3840, description="Long side of delivered clips, px.")
+
+    # Input validation.
+    max_upload_bytes: int = Field(20 * MiB, gt=0, description="Largest source image accepted, bytes.")
+    max_image_pixels: int = Field(50_000_000, gt=0, description="Largest pixel count decoded (bomb guard).")
+    min_image_side: int = Field(128, ge=16, description="Smallest short side accepted, px.")
+    max_aspect_ratio: float = Field(3.0, ge=1.0, description="Widest long:short ratio accepted.")
+    fit_mode: Literal["crop", "pad"] = Field(
+        "crop", description="How a source is fitted to the target aspect: crop it or pad it."
+    )
+
+    # Delivery.
+    max_clip_bytes: int = Field(10 * MiB, gt=0, description="Byte limit the final encode must fit.")
+
+    # Credits.
+    daily_free_credits: int = Field(20, ge=0, description="Credits granted to each member once a day.")
+    prices_file: Path | None = Field(None, description="Price table (TOML); empty means the built-in.")
+
+    # Services (later issues use these; empty means embedded mode).
+    redis_url: str = Field("", description="Redis URL for scale-out mode; empty runs embedded.")
+    discord_token: str = Field("", description="Bot token from the Discord developer portal.")
+    replicate_api_token: str = Field("", description="Replicate API token (enables the replicate backend).")
+    fal_key: str = Field("", description="fal.ai key (enables the fal backend).")
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'animabot.db').as_posix()}"
+        if self.media_dir is None:
+            self.media_dir = self.data_dir / "media"
+        return self
+
+    @property
+    def media_path(self) -> Path:
+        """The media folder, always set after validation."""
+        assert self.media_dir is not None
+        return self.media_dir
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()
