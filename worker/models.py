@@ -18,6 +18,17 @@ import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
 
+#: Constraint names are part of the schema: migrations must name what they later drop or alter (SQLite
+#: can only do that by name, in batch mode), and both databases must agree on them. Explicit names in
+#: ``__table_args__`` win; check constraints are always named by hand.
+SQLModel.metadata.naming_convention = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
 def utcnow() -> datetime:
     """Now, timezone-aware in UTC."""
     return datetime.now(UTC)
@@ -219,6 +230,9 @@ class Transfer(SQLModel, table=True):
     __tablename__ = "transfers"
     __table_args__ = (
         sa.CheckConstraint("amount > 0", name="ck_transfers_amount_positive"),
+        sa.CheckConstraint(
+            "debit_account_id <> credit_account_id", name="ck_transfers_distinct_accounts"
+        ),
         sa.CheckConstraint(
             "(kind IN ('capture', 'void')) = (pending_id IS NOT NULL)",
             name="ck_transfers_pending_only_on_resolutions",

@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     output_fps: int = Field(24, ge=1, le=60, description="Frame rate of delivered clips.")
     output_long_side: int = Field(1280, ge=256, le=3840, description="Long side of delivered clips, px.")
 
+    max_attempts: int = Field(3, ge=1, le=10, description="Generation attempts per job before it fails.")
+    generation_timeout: float = Field(900.0, gt=0, description="Seconds one attempt may take.")
+    retry_backoff: float = Field(1.0, ge=0, description="First wait before retrying a failed attempt, s.")
+
     # Input validation.
     max_upload_bytes: int = Field(20 * MiB, gt=0, description="Largest source image accepted, bytes.")
     max_image_pixels: int = Field(50_000_000, gt=0, description="Largest pixel count decoded (bomb guard).")
@@ -81,3 +85,25 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings, read once from the environment."""
     return Settings()
+
+
+def render_env_example() -> str:
+    """The text of ``.env.example``: every setting with its description and default.
+
+    Regenerate the file with ``python -m worker.settings > .env.example``.
+    """
+    lines = [
+        "# animabot settings. Every one is optional: with none set, animabot runs offline on SQLite",
+        "# with its data under ./animabot-data. Copy this file to .env and uncomment what you change.",
+        "",
+    ]
+    for name, field in Settings.model_fields.items():
+        default = "" if field.default is None else field.default
+        if isinstance(default, Path):
+            default = default.as_posix()
+        lines += [f"# {field.description}", f"# ANIMABOT_{name.upper()}={default}", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render_env_example(), end="")

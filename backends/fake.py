@@ -1,0 +1,143 @@
+"""``fake``: a backend for tests that implements the real protocol with scripted outcomes.
+
+It holds no thread and no connection while "working": the handle carries when the work is due and how
+it ends, so any number of generations can be in flight, across process restarts, like a remote model.
+Outcomes, consumed one per submit (then ``ok`` forever)::
+
+    ok        a real H.264 clip of the source panning, at the requested size, fps and duration
+    frozen    a real clip whose frames never change
+    garbage   a file that is not a video
+    fail      FAILED with a transient error (outage)
+    refuse    FAILED with a moderation refusal (permanent)
+    hang      RUNNING forever
+
+    backend = FakeBackend(settings, latency=0.5, outcomes=["fail", "ok"])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from backends import animator, video
+from backends.base import (
+    Aspect,
+    Backend,
+    BackendUnavailable,
+    CameraMove,
+    Capabilities,
+    ContentRefused,
+    GenerationRequest,
+    GenerationResult,
+    Handle,
+    State,
+    StatusReport,
+)
+
+OUTCOMES = frozenset({"ok", "frozen", "garbage", "fail", "refuse", "hang"})
+
+
+class FakeBackend(Backend):
+    """Deterministic test double: scripted outcomes after a fixed latency."""
+
+    name = "fake"
+    description = "test double with scripted outcomes (for tests and benchmarks)"
+    capabilities = Capabilities(
+        cameras=frozenset(CameraMove),
+        durations=(1.0, 30.0),
+        aspects=frozenset(Aspect),
+        fps=24,
+        cost_per_second_usd=0.01,
+        min_short_side=64,
+    )
+
+    def __init__(self, settings: Any, *, latency: float = 0.0, outcomes: Iterable[str] = ()) -> None:
+        super().__init__(settings)
+        self.latency = latency
+        self.outcomes = deque(outcomes)
+        unknown = set(self.outcomes) - OUTCOMES
+        if unknown:
+            raise ValueError(f"unknown fake outcomes {sorted(unknown)}; use {sorted(OUTCOMES)}")
+        self.submitted: list[GenerationRequest] = []
+        self.canceled: set[str] = set()
+
+    async def submit(self, request: GenerationRequest) -> Handle:
+        """Record the request and return a handle that says when and how it ends."""
+        self.submitted.append(request)
+        outcome = self.outcomes.popleft() if self.outcomes else "ok"
+        return Handle(
+            self.name,
+            uuid.uuid4().hex,
+            {
+                "outcome": outcome,
+                "due": time.time() + self.latency,
+                "submitted": time.time(),
+                "request": {
+                    "image": str(request.image_path),
+                    "output": str(request.output_dir / request.output_name),
+                    "width": request.width,
+                    "height": request.height,
+                    "fps": request.fps,
+                    "duration": request.duration,
+                },
+            },
+        )
+
+    async def status(self, handle: Handle) -> StatusReport:
+        """Where the scripted work stands, computed from the handle alone."""
+        if handle.id in self.canceled:
+            return StatusReport(State.CANCELED, message="canceled")
+        outcome, due = handle.data["outcome"], handle.data["due"]
+        now = time.time()
+        if outcome == "hang" or now < due:
+            span = max(due - handle.data["submitted"], 1e-9)
+            return StatusReport(State.RUNNING, progress=min(1.0, (now - handle.data["submitted"]) / span))
+        if outcome == "fail":
+            error = BackendUnavailable("the fake provider had an outage", backend=self.name)
+            return StatusReport(State.FAILED, message=error.message, error=error)
+        if outcome == "refuse":
+            error = ContentRefused("the fake provider's moderation refused the input", backend=self.name)
+            return StatusReport(State.FAILED, message=error.message, error=error)
+        return StatusReport(State.SUCCEEDED, progress=1.0)
+
+    async def result(self, handle: Handle) -> GenerationResult:
+        """Write the scripted output file and describe it."""
+        req = handle.data["request"]
+        out = Path(req["output"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        frames = round(req["fps"] * req["duration"])
+        outcome = handle.data["outcome"]
+        if outcome == "garbage":
+            out.write_bytes(b"\x00garbage, not a video\x00" * 64)
+        else:
+            await asyncio.to_thread(self._render, req, out, frozen=outcome == "frozen")
+        return GenerationResult(
+            video_path=out, width=req["width"], height=req["height"], fps=req["fps"], frames=frames
+        )
+
+    @staticmethod
+    def _render(req: dict[str, Any], out: Path, *, frozen: bool) -> None:
+        with Image.open(req["image"]) as im:
+            pixels = np.asarray(im.convert("RGB"))
+        if not frozen:
+            animator.render(
+                pixels, out, camera=CameraMove.PAN_RIGHT, motion=2, duration=req["duration"],
+                fps=req["fps"], width=req["width"], height=req["height"],
+            )
+            return
+        frame = np.asarray(Image.fromarray(pixels).resize((req["width"], req["height"])))
+        with video.VideoWriter(out, width=req["width"], height=req["height"], fps=req["fps"]) as writer:
+            for _ in range(round(req["fps"] * req["duration"])):
+                writer.write(frame)
+
+    async def cancel(self, handle: Handle) -> None:
+        """Mark the handle canceled."""
+        self.canceled.add(handle.id)

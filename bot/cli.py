@@ -1,0 +1,236 @@
+"""The ``animabot`` command: run the whole pipeline in-process on any picture, or inspect one.
+
+    animabot demo                                   animate the bundled NASA astronaut portrait
+    animabot animate photo.jpg --prompt "gentle waves" --camera pan-left -o waves.mp4 [--json]
+    animabot inspect photo.jpg [--json]             what validation concludes, without generating
+    animabot backends [--json]                      installed backends, usable or not, and why
+
+Exit codes: 0 success, 2 invalid input (one line on stderr, never a traceback), 1 generation failed
+after its retries. Unexpected errors print one line and leave the traceback in the data folder's log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from backends.base import CameraMove
+from worker.errors import UserError
+from worker.jobs import ASPECTS, JobParams
+from worker.settings import Settings, get_settings
+
+SAMPLE = Path(__file__).parent / "assets" / "astronaut.png"
+log = logging.getLogger("animabot")
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"animabot: {message}", err=True)
+    sys.exit(code)
+
+
+def _human_bytes(n: int) -> str:
+    return f"{n / (1024 * 1024):.2f} MiB" if n >= 1024 * 1024 else f"{n / 1024:.0f} KiB"
+
+
+class StageProgress:
+    """One line per pipeline stage on a terminal: a bar while it runs, its time when done."""
+
+    WIDTH = 24
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.stage: str | None = None
+        self.started = 0.0
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if not self.enabled:
+            return
+        if stage != self.stage:
+            self.stage, self.started = stage, time.perf_counter()
+        filled = int(self.WIDTH * max(0.0, min(1.0, fraction)))
+        bar = "█" * filled + "·" * (self.WIDTH - filled)
+        line = f"\r  {stage:<13}{bar} {fraction * 100:3.0f}%"
+        if fraction >= 1.0:
+            line += f"  {time.perf_counter() - self.started:6.2f}s\n"
+            self.stage = None
+        click.echo(line, nl=False, err=True)
+
+
+def _configure_logging(settings: Settings) -> Path:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    path = settings.data_dir / "animabot.log"
+    logging.basicConfig(
+        filename=path, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return path
+
+
+def _run_pipeline(settings: Settings, image: Path, params: JobParams, out: Path, *, show: bool) -> Any:
+    from worker.db import init_db
+    from worker.jobs import create_job
+    from worker.pipeline import Pipeline
+
+    engine = init_db(settings)
+    job = create_job(engine, params, source_path=image)
+    pipeline = Pipeline(engine, settings, progress=StageProgress(show))
+
+    async def go() -> Any:
+        try:
+            return await pipeline.run(job.id or 0, deliver_to=out)
+        finally:
+            await pipeline.aclose()
+
+    return asyncio.run(go())
+
+
+def _animate(image: Path, params: JobParams, out: Path, *, as_json: bool) -> None:
+    settings = get_settings()
+    log_path = _configure_logging(settings)
+    if not image.exists():
+        _fail(f"{image} does not exist; give the path of a JPEG, PNG or WebP picture")
+    if image.is_dir():
+        _fail(f"{image} is a folder; give the path of a JPEG, PNG or WebP picture")
+    try:
+        params = params.checked()
+        outcome = _run_pipeline(settings, image, params, out, show=not as_json and sys.stderr.isatty())
+    except UserError as exc:
+        if as_json:
+            click.echo(json.dumps({"status": "rejected", "output": None, "subject": None, "backend": None,
+                                   "attempts": [], "cost": None, "error": exc.to_json()}))
+        _fail(exc.message)
+    except Exception as exc:  # unexpected: one line here, the traceback in the log
+        log.error("animate failed\n%s", traceback.format_exc())
+        _fail(f"internal error ({type(exc).__name__}: {exc}); details in {log_path}", code=1)
+    if as_json:
+        click.echo(json.dumps(outcome.to_json()))
+    if outcome.status == "succeeded":
+        if not as_json:
+            clip = outcome.clip
+            click.echo(
+                f"{outcome.output}  {clip.get('duration', 0):.1f}s  {clip.get('width')}x{clip.get('height')}  "
+                f"{_human_bytes(clip.get('bytes', 0))}  backend={outcome.backend}  "
+                f"took {outcome.seconds:.1f}s"
+            )
+        return
+    message = outcome.error["message"] if outcome.error else "generation failed"
+    _fail(message, code=2 if outcome.status == "rejected" else 1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="animabot")
+def main() -> None:
+    """animabot: make still pictures move."""
+
+
+_CAMERAS = click.Choice([c.value for c in CameraMove])
+
+
+@main.command()
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write the MP4 (default: animabot-data/demo.mp4).")
+@click.option("--camera", type=_CAMERAS, default="zoom-in", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
+def demo(output: Path | None, camera: str, as_json: bool) -> None:
+    """Animate the bundled sample photograph offline with the local backend."""
+    settings = get_settings()
+    out = output or settings.data_dir / "demo.mp4"
+    params = JobParams(prompt="slow push-in on the astronaut, gentle and cinematic",
+                       camera=CameraMove(camera), seed=42, backend="local")
+    _animate(SAMPLE, params, out, as_json=as_json)
+
+
+@main.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="The motion you want, e.g. 'gentle waves, slow push-in'.")
+@click.option("--camera", type=_CAMERAS, default="zoom-in", show_default=True)
+@click.option("--motion", type=click.IntRange(0, 4), default=None, help="Motion strength 0..4.")
+@click.option("--duration", type=float, default=None, help="Clip length in seconds.")
+@click.option("--aspect", type=click.Choice(ASPECTS), default="auto", show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--negative", default="", help="What to avoid.")
+@click.option("--backend", default=None, help="Backend name (see `animabot backends`).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write the MP4 (default: IMAGE-animated.mp4 here).")
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
+def animate(image: Path, prompt: str, camera: str, motion: int | None, duration: float | None, aspect: str,
+            seed: int | None, negative: str, backend: str | None, output: Path | None, as_json: bool) -> None:
+    """Animate IMAGE in-process through the whole pipeline."""
+    settings = get_settings()
+    params = JobParams(
+        prompt=prompt, camera=CameraMove(camera),
+        motion=settings.default_motion if motion is None else motion,
+        duration=settings.default_duration if duration is None else duration,
+        aspect=aspect, seed=seed, negative=negative, backend=backend,
+    )
+    _animate(image, params, output or Path(f"{image.stem}-animated.mp4"), as_json=as_json)
+
+
+@main.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect(image: Path, as_json: bool) -> None:
+    """Show what validation concludes about IMAGE, without generating anything."""
+    from worker import imaging
+
+    settings = get_settings()
+    try:
+        if not image.is_file():
+            raise UserError(f"{image} is not a file; give the path of a JPEG, PNG or WebP picture",
+                            code="not_found")
+        report = {"ok": True, **imaging.describe(imaging.load_image(image, settings), settings)}
+    except UserError as exc:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "error": exc.to_json()}))
+        _fail(exc.message)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    for key, value in report.items():
+        if key != "ok":
+            click.echo(f"{key:>20}: {value if not isinstance(value, list | dict) else json.dumps(value)}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def backends(as_json: bool) -> None:
+    """List installed backends, whether each is usable here (and why not), and their capabilities."""
+    from backends.registry import backend_classes, load_failures
+
+    settings = get_settings()
+    rows = []
+    for name, cls in backend_classes().items():
+        usable = cls.check_usable(settings)
+        caps = asdict(cls.capabilities)
+        caps = {k: sorted(v) if isinstance(v, frozenset) else v for k, v in caps.items()}
+        rows.append({"name": name, "description": cls.description, "usable": usable.usable,
+                     "reason": usable.reason, "capabilities": caps})
+    for name, reason in load_failures().items():
+        rows.append({"name": name, "description": "", "usable": False, "reason": f"broken: {reason}",
+                     "capabilities": None})
+    if as_json:
+        click.echo(json.dumps({"backends": rows}))
+        return
+    for row in rows:
+        mark = "usable" if row["usable"] else f"not usable: {row['reason']}"
+        click.echo(f"{row['name']:<10} {mark}\n           {row['description']}")
+        caps = row["capabilities"]
+        if caps:
+            lo, hi = caps["durations"]
+            click.echo(
+                f"           cameras: {', '.join(caps['cameras'])}\n"
+                f"           durations {lo:g}-{hi:g}s, aspects {' '.join(caps['aspects'])}, {caps['fps']} fps, "
+                f"${caps['cost_per_second_usd']:g}/s, network: {'yes' if caps['needs_network'] else 'no'}"
+            )
+
+
+if __name__ == "__main__":
+    main()
