@@ -289,7 +289,10 @@ class Pipeline:
     async def _validate(self, run: _Run) -> dict[str, Any]:
         if not run.job.source_path:
             raise InvalidParameters("the job has no source image; attach a JPEG, PNG or WebP picture")
-        source = await asyncio.to_thread(imaging.load_image, Path(run.job.source_path), self.settings)
+        long_side = self.settings.output_long_side
+        source = await asyncio.to_thread(
+            imaging.load_image, Path(run.job.source_path), self.settings, target=(long_side, long_side)
+        )
         run.source = source
         kept = run.artifact("validate", "source", ext=Path(run.job.source_path).suffix.lstrip(".") or "img")
         if Path(run.job.source_path).resolve() != kept.resolve():
