@@ -29,7 +29,7 @@ STAGES = (
     "store",
 )
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9.=+-]+")
+_UNSAFE = re.compile(r"[^A-Za-z0-9=+-]+")
 
 
 def job_dir(media: Path, job_id: int) -> Path:

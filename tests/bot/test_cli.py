@@ -1,0 +1,124 @@
+"""The `animabot` command as a user runs it: a real process, real files, real exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backends import video
+
+SAMPLE = Path(__file__).resolve().parents[2] / "bot" / "assets" / "astronaut.png"
+ANIMABOT = shutil.which("animabot", path=str(Path(sys.executable).parent)) or "animabot"
+
+
+def animabot(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("ANIMABOT_")}
+    environ.update(env)
+    return subprocess.run([ANIMABOT, *args], cwd=cwd, env=environ, capture_output=True, text=True, timeout=300)
+
+
+def test_demo_writes_a_playable_mp4_and_a_one_line_summary(tmp_path):
+    """`animabot demo` animates the bundled photograph at the default size and says where it went."""
+    result = animabot("demo", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "animabot-data" / "demo.mp4"
+    info = video.probe(out)
+    assert (info.width, info.height, round(info.fps)) == (1280, 1280, 24)
+    assert info.codec == "h264" and info.pix_fmt == "yuv420p"
+    line = result.stdout.strip()
+    assert len(line.splitlines()) == 1
+    for part in (str(Path("animabot-data") / "demo.mp4"), "5.0s", "1280x1280", "MiB", "backend=local", "took"):
+        assert part in line
+
+
+def test_animate_json_prints_exactly_one_object(tmp_path):
+    """--json gives status, output, subject, backend, attempts, cost and error."""
+    result = animabot("animate", str(SAMPLE), "--prompt", "gentle sway", "--camera", "pan-right",
+                      "--duration", "1", "--aspect", "16:9", "--seed", "5", "-o", "clip.mp4", "--json",
+                      cwd=tmp_path, ANIMABOT_OUTPUT_LONG_SIDE="320")
+
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["status"] == "succeeded" and data["error"] is None
+    assert Path(data["output"]) == Path("clip.mp4") and (tmp_path / "clip.mp4").is_file()
+    assert data["backend"] == "local" and data["subject"] == "unknown"
+    assert data["attempts"] == [{"number": 1, "backend": "local", "seed": 5, "motion": 2,
+                                 "verdict": "accepted", "reasons": [], "error": None}]
+    assert data["cost"] == {"credits": 0, "usd": 0.0}
+    assert video.probe(tmp_path / "clip.mp4").width == 320
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "empty"),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'></svg>", "vector"),
+        (b"just some text", "not"),
+    ],
+)
+def test_bad_input_gets_one_line_and_exit_code_2(tmp_path, content, expected):
+    """Refusals are one human line on stderr, never a traceback."""
+    bad = tmp_path / "upload.png"
+    bad.write_bytes(content)
+    result = animabot("animate", str(bad), "--prompt", "p", cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert expected in result.stderr.lower()
+
+
+def test_bad_input_with_json_reports_rejected(tmp_path):
+    """--json still prints one object, with status rejected and the error code."""
+    result = animabot("animate", str(tmp_path / "missing.jpg"), "--prompt", "p", "--json", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr
+
+
+def test_an_unsupported_combination_is_named(tmp_path):
+    """A duration the backend cannot do is refused with what would work."""
+    result = animabot("animate", str(SAMPLE), "--prompt", "p", "--backend", "fake", "--duration", "45",
+                      "--json", cwd=tmp_path, ANIMABOT_OUTPUT_LONG_SIDE="320")
+    assert result.returncode == 2
+    data = json.loads(result.stdout)
+    assert data["status"] == "rejected"
+    assert "duration 45s is outside 1..30s" in data["error"]["message"]
+
+
+def test_inspect_json_reports_validation_without_generating(tmp_path):
+    """inspect says what validation concluded and writes no job."""
+    result = animabot("inspect", str(SAMPLE), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["ok"] is True
+    assert not (tmp_path / "animabot-data" / "media").exists()
+
+
+def test_inspect_refusal_exits_2_with_a_json_error(tmp_path):
+    """A refused picture: ok false, the code and the message."""
+    tiny = tmp_path / "tiny.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(tiny)
+    result = animabot("inspect", str(tiny), "--json", cwd=tmp_path)
+    assert result.returncode == 2
+    data = json.loads(result.stdout)
+    assert data["ok"] is False and data["error"]["code"] and "128" in data["error"]["message"]
+
+
+def test_backends_lists_each_backend_with_usability_and_capabilities(tmp_path):
+    """`animabot backends --json` shows local usable with its camera moves."""
+    result = animabot("backends", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(result.stdout)["backends"]}
+    assert rows["local"]["usable"] is True
+    assert "orbit-left" in rows["local"]["capabilities"]["cameras"]
+    assert rows["local"]["capabilities"]["needs_network"] is False
+    human = animabot("backends", cwd=tmp_path)
+    assert "local" in human.stdout and "usable" in human.stdout

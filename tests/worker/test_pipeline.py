@@ -1,0 +1,181 @@
+"""The pipeline runs every stage, records it on the job, retries bad outputs and ends cleanly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlmodel import Session, select
+
+from backends import video
+from backends.base import CameraMove
+from backends.fake import FakeBackend
+from worker.artifacts import STAGES
+from worker.db import init_db
+from worker.jobs import JobParams, create_job
+from worker.models import Attempt, Clip, Job, JobStage
+from worker.pipeline import Pipeline
+from worker.settings import Settings
+
+SAMPLE = Path(__file__).resolve().parents[2] / "bot" / "assets" / "astronaut.png"
+
+
+@pytest.fixture
+def settings(tmp_path):
+    # Small clips keep the suite fast; the demo test in tests/bot runs the real default size.
+    return Settings(data_dir=tmp_path, output_long_side=320, retry_backoff=0.0)
+
+
+@pytest.fixture
+def engine(settings):
+    return init_db(settings)
+
+
+async def _run(engine, settings, params, *, source=SAMPLE, backends=None, deliver_to=None):
+    job = create_job(engine, params, source_path=source)
+    pipeline = Pipeline(engine, settings, backends=backends)
+    try:
+        return await pipeline.run(job.id, deliver_to=deliver_to)
+    finally:
+        await pipeline.aclose()
+
+
+def _stages(engine, job_id):
+    with Session(engine) as s:
+        return s.exec(select(JobStage).where(JobStage.job_id == job_id).order_by(JobStage.id)).all()
+
+
+def _attempts(engine, job_id):
+    with Session(engine) as s:
+        return s.exec(select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.number)).all()
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 99.0 if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+async def test_local_backend_turns_a_photo_into_a_stored_clip(engine, settings, tmp_path):
+    """Every stage runs in order, is timed, and the delivered MP4 starts on the photograph."""
+    out = tmp_path / "out.mp4"
+    outcome = await _run(engine, settings, JobParams(prompt="slow push-in", duration=2, seed=42), deliver_to=out)
+
+    assert outcome.status == "succeeded", outcome.error
+    assert outcome.output == out and out.is_file()
+    assert outcome.backend == "local" and outcome.subject == "unknown"
+    stages = _stages(engine, outcome.job_id)
+    assert [s.stage for s in stages] == list(STAGES)
+    assert all(s.seconds >= 0 for s in stages)
+    assert {s.outcome for s in stages} <= {"ok", "skipped"}
+    with Session(engine) as s:
+        job = s.get(Job, outcome.job_id)
+        clip = s.exec(select(Clip).where(Clip.job_id == job.id)).one()
+    assert job.state == "succeeded" and job.finished_at is not None
+    info = video.probe(out)
+    assert (info.width, info.height) == (320, 320) == (clip.width, clip.height)
+    assert info.codec == "h264" and info.pix_fmt == "yuv420p"
+    assert info.frames == 48 and abs(info.duration - 2.0) < 0.05
+    first = next(video.read_frames(out))
+    source = np.asarray(Image.open(SAMPLE).convert("RGB").resize((320, 320), Image.LANCZOS))
+    assert _psnr(first, source) > 28
+
+
+async def test_artifacts_are_named_after_stage_and_parameters(engine, settings):
+    """The job folder shows where every file came from."""
+    outcome = await _run(engine, settings, JobParams(prompt="p", camera=CameraMove.PAN_LEFT, motion=3,
+                                                     duration=1, seed=7))
+    folder = settings.media_path / f"job-{outcome.job_id}"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == [
+        "01-validate-source.png",
+        "02-enhance-320x320-crop.png",
+        "06-generate-local-pan-left-m3-s7-a1.mp4",
+        "09-encode-h264-10MiB.mp4",
+    ]
+
+
+async def test_a_transient_backend_error_is_retried_with_a_new_seed(engine, settings):
+    """An outage on attempt 1 is retried; the user only sees the good clip."""
+    fake = FakeBackend(settings, outcomes=["fail", "ok"])
+    outcome = await _run(engine, settings, JobParams(prompt="p", duration=1, backend="fake", seed=1),
+                         backends={"fake": fake})
+
+    assert outcome.status == "succeeded"
+    attempts = _attempts(engine, outcome.job_id)
+    assert [(a.verdict, a.error_code) for a in attempts] == [("error", "unavailable"), ("accepted", None)]
+    assert attempts[0].seed == 1 and attempts[1].seed != 1
+    assert attempts[0].handle["backend"] == "fake"
+
+
+async def test_outputs_that_fail_the_check_are_retried_then_the_job_fails(engine, settings):
+    """Three undecodable outputs use up the budget; the job fails with a plain reason."""
+    fake = FakeBackend(settings, outcomes=["garbage"] * 3)
+    outcome = await _run(engine, settings, JobParams(prompt="p", duration=1, backend="fake"),
+                         backends={"fake": fake})
+
+    assert outcome.status == "failed"
+    assert outcome.error["code"] == "generation_failed"
+    assert "no usable clip after 3 attempts" in outcome.error["message"]
+    assert "nothing was charged" in outcome.error["message"]
+    assert [(a.verdict, a.reasons) for a in _attempts(engine, outcome.job_id)] == [
+        ("rejected", ["undecodable"])] * 3
+    assert [s.outcome for s in _stages(engine, outcome.job_id) if s.stage == "check"] == ["rejected"] * 3
+
+
+async def test_a_moderation_refusal_is_not_retried(engine, settings):
+    """A permanent error ends the job at once."""
+    fake = FakeBackend(settings, outcomes=["refuse", "ok"])
+    outcome = await _run(engine, settings, JobParams(prompt="p", duration=1, backend="fake"),
+                         backends={"fake": fake})
+
+    assert outcome.status == "failed"
+    assert outcome.error["code"] == "content_refused"
+    assert len(_attempts(engine, outcome.job_id)) == 1
+
+
+async def test_a_request_the_backend_cannot_honour_is_refused_before_submitting(engine, settings):
+    """The fake allows up to 30 s: asking 45 s names the problem and submits nothing."""
+    fake = FakeBackend(settings)
+    outcome = await _run(engine, settings, JobParams(prompt="p", duration=45, backend="fake"),
+                         backends={"fake": fake})
+
+    assert outcome.status == "rejected"
+    assert outcome.error["code"] == "invalid_parameters"
+    assert "duration 45s is outside 1..30s" in outcome.error["message"]
+    assert fake.submitted == []
+
+
+async def test_an_unknown_backend_is_refused_with_the_installed_ones(engine, settings):
+    """A typo in --backend lists what exists."""
+    outcome = await _run(engine, settings, JobParams(prompt="p", duration=1, backend="lcoal"))
+    assert outcome.status == "rejected"
+    assert "unknown backend 'lcoal'" in outcome.error["message"] and "local" in outcome.error["message"]
+
+
+async def test_a_refused_image_fails_the_job_at_validation(engine, settings, tmp_path):
+    """A non-image is rejected with its reason; nothing after validation runs."""
+    bogus = tmp_path / "notes.png"
+    bogus.write_text("these are my notes, not a picture")
+    outcome = await _run(engine, settings, JobParams(prompt="p"), source=bogus)
+
+    assert outcome.status == "rejected"
+    assert outcome.error["code"] != "invalid_input"
+    stages = _stages(engine, outcome.job_id)
+    assert [(s.stage, s.outcome) for s in stages] == [("validate", "failed")]
+    with Session(engine) as s:
+        job = s.get(Job, outcome.job_id)
+    assert job.state == "failed" and job.error_code == outcome.error["code"]
+
+
+async def test_the_final_encode_fits_a_small_byte_limit(tmp_path):
+    """With a 150 KiB limit the clip is re-encoded under a VBV cap and still fits."""
+    settings = Settings(data_dir=tmp_path, output_long_side=640, max_clip_bytes=150 * 1024)
+    engine = init_db(settings)
+    outcome = await _run(engine, settings, JobParams(prompt="p", duration=3, motion=4))
+
+    assert outcome.status == "succeeded", outcome.error
+    encode_stage = [s for s in _stages(engine, outcome.job_id) if s.stage == "encode"][0]
+    assert encode_stage.detail["method"] == "capped-crf"
+    assert 0 < outcome.clip["bytes"] <= 150 * 1024
