@@ -52,6 +52,7 @@ class StageProgress:
         self.started = 0.0
 
     def __call__(self, stage: str, fraction: float) -> None:
+        """Show ``stage`` at ``fraction`` done (1.0 ends its line)."""
         if not self.enabled:
             return
         if stage != self.stage:

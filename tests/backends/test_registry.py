@@ -118,7 +118,7 @@ def test_every_installed_backend_declares_itself_fully(name, tmp_path):
     cls = registry.get_backend_class(name)
     assert cls.name == name and cls.description
     assert isinstance(cls.check_usable(Settings(data_dir=tmp_path)), Usability)
-    lo, hi = cls.capabilities.durations
+    _, hi = cls.capabilities.durations
     request = GenerationRequest(image_path=tmp_path / "x.png", prompt="p", output_dir=tmp_path, duration=hi + 1)
     assert any("duration" in r for r in cls(Settings(data_dir=tmp_path)).refusals(request))
 

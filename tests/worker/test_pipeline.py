@@ -176,6 +176,6 @@ async def test_the_final_encode_fits_a_small_byte_limit(tmp_path):
     outcome = await _run(engine, settings, JobParams(prompt="p", duration=3, motion=4))
 
     assert outcome.status == "succeeded", outcome.error
-    encode_stage = [s for s in _stages(engine, outcome.job_id) if s.stage == "encode"][0]
+    encode_stage = next(s for s in _stages(engine, outcome.job_id) if s.stage == "encode")
     assert encode_stage.detail["method"] == "capped-crf"
     assert 0 < outcome.clip["bytes"] <= 150 * 1024
