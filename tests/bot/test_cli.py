@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from backends import video
 
@@ -34,8 +37,13 @@ def test_demo_writes_a_playable_mp4_and_a_one_line_summary(tmp_path):
     assert info.codec == "h264" and info.pix_fmt == "yuv420p"
     line = result.stdout.strip()
     assert len(line.splitlines()) == 1
-    for part in (str(Path("animabot-data") / "demo.mp4"), "5.0s", "1280x1280", "MiB", "backend=local", "took"):
+    for part in (str(Path("animabot-data") / "demo.mp4"), "5.0s", "1280x1280", "backend=local", "took"):
         assert part in line
+    assert re.search(r" \d+(\.\d+)? (KiB|MiB) ", line)
+    first = next(video.read_frames(out)).astype(np.float64)
+    photo = np.asarray(Image.open(SAMPLE).convert("RGB").resize((1280, 1280), Image.LANCZOS), np.float64)
+    psnr = 10 * np.log10(255**2 / np.mean((first - photo) ** 2))
+    assert psnr > 30, f"first frame differs from the photograph (PSNR {psnr:.1f} dB)"
 
 
 def test_animate_json_prints_exactly_one_object(tmp_path):
@@ -103,8 +111,6 @@ def test_inspect_json_reports_validation_without_generating(tmp_path):
 def test_inspect_refusal_exits_2_with_a_json_error(tmp_path):
     """A refused picture: ok false, the code and the message."""
     tiny = tmp_path / "tiny.png"
-    from PIL import Image
-
     Image.new("RGB", (64, 64)).save(tiny)
     result = animabot("inspect", str(tiny), "--json", cwd=tmp_path)
     assert result.returncode == 2
