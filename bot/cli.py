@@ -195,9 +195,19 @@ def inspect(image: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report))
         return
-    for key, value in report.items():
-        if key != "ok":
-            click.echo(f"{key:>20}: {value if not isinstance(value, list | dict) else json.dumps(value)}")
+    _print_fields(report)
+
+
+def _print_fields(fields: dict[str, Any], prefix: str = "") -> None:
+    """``key: value`` lines, nested dicts flattened to ``outer.inner``, lists comma-joined."""
+    for key, value in fields.items():
+        if key == "ok" or value is None:
+            continue
+        if isinstance(value, dict):
+            _print_fields(value, f"{prefix}{key}.")
+        else:
+            shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+            click.echo(f"{prefix + key:>22}: {shown if shown != '' else '-'}")
 
 
 @main.command()
