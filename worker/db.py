@@ -9,10 +9,18 @@ to head, so a fresh install needs no separate setup step and no ``alembic.ini``:
 
 SQLite is the zero-configuration default and is shared by the bot and worker threads, so every
 connection gets WAL (readers never block the writer), enforced foreign keys and a busy timeout, and
-every transaction starts with ``BEGIN IMMEDIATE``: it takes the write lock up front and waits for it,
-instead of failing with "database is locked" when a read transaction later tries to write. That
-serialises writers, which is what SQLite does anyway, and is what makes the ledger's savepoints and
-conditional updates behave as they do on PostgreSQL.
+transactions behave much like PostgreSQL's READ COMMITTED:
+
+- Reads before a transaction's first write run on their own and each sees the latest commit; they
+  take no lock, so a session that only read blocks nobody, however long it stays open.
+- The first write (or SAVEPOINT) starts ``BEGIN IMMEDIATE``: it waits for the single write lock (up to
+  :data:`SQLITE_BUSY_TIMEOUT_MS`) and keeps it until commit or rollback. A deferred ``BEGIN`` would
+  instead hold a read snapshot and fail at once with "database is locked" when it tries to write after
+  another connection committed; and the sqlite3 module's own transaction handling breaks SAVEPOINTs.
+
+So writers are serialised (as SQLite always does) and wait their turn rather than fail, and the
+ledger's savepoints and conditional updates work as they do on PostgreSQL. Keep write transactions
+short: one left open holds every other writer back.
 """
 
 from __future__ import annotations
@@ -34,6 +42,12 @@ from worker.settings import Settings
 
 #: How long a SQLite connection waits for the write lock before giving up, in milliseconds.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+#: Execution option: take SQLite's write lock at the transaction's first statement, even a read, for a
+#: transaction whose reads must not change before it writes (``conn.execution_options(**{...: True})``).
+SQLITE_LOCK_AT_START = "animabot_sqlite_lock_at_start"
+
+_READS = ("SELECT", "PRAGMA", "EXPLAIN", "VALUES")
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -76,7 +90,7 @@ def _sqlite_engine(url: URL, engine_kwargs: dict[str, Any]) -> Engine:
 
     @sa.event.listens_for(engine, "connect")
     def _configure(dbapi_connection: Any, _record: Any) -> None:
-        # Let SQLAlchemy, not the sqlite3 module, decide where transactions begin (see "begin").
+        # Let us, not the sqlite3 module, decide where transactions begin (_begin_before_first_write).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         if not in_memory:
@@ -86,14 +100,20 @@ def _sqlite_engine(url: URL, engine_kwargs: dict[str, Any]) -> Engine:
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.close()
 
-    @sa.event.listens_for(engine, "begin")
-    def _begin(connection: sa.Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def _begin_before_first_write(connection: sa.Connection, _cursor: Any, statement: str, *_: Any) -> None:
+        driver_connection = connection.connection.driver_connection
+        if driver_connection is None or driver_connection.in_transaction or not connection.in_transaction():
+            return
+        read = statement.lstrip()[:8].upper().startswith(_READS)
+        if read and not connection.get_execution_options().get(SQLITE_LOCK_AT_START):
+            return
+        driver_connection.execute("BEGIN IMMEDIATE")
 
     return engine
 
 
-def alembic_config(engine: Engine) -> Config:
+def alembic_config(engine: Engine | None = None) -> Config:
     """An Alembic config for the packaged ``migrations`` that runs on ``engine``.
 
     For the rare manual step::
@@ -103,7 +123,8 @@ def alembic_config(engine: Engine) -> Config:
     """
     config = Config()
     config.set_main_option("script_location", str(Path(migrations.__file__).parent))
-    config.attributes["engine"] = engine
+    if engine is not None:
+        config.attributes["engine"] = engine
     return config
 
 
@@ -111,7 +132,8 @@ def upgrade(engine_or_url: Engine | str | URL, revision: str = "head") -> None:
     """Migrate the database to ``revision`` (the newest by default); a no-op when it is already there.
 
     Safe to run from several processes at once: the migration holds the database's write lock
-    (SQLite) or an advisory lock (PostgreSQL), and the losers find the work done.
+    (SQLite) or an advisory lock (PostgreSQL), and the others find the work done. Not from several
+    threads of one process: Alembic keeps its migration context in module globals.
     """
     if isinstance(engine_or_url, Engine):
         command.upgrade(alembic_config(engine_or_url), revision)

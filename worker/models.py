@@ -17,7 +17,6 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
-
 #: Constraint names are part of the schema: migrations must name what they later drop or alter (SQLite
 #: can only do that by name, in batch mode), and both databases must agree on them. Explicit names in
 #: ``__table_args__`` win; check constraints are always named by hand.
@@ -230,9 +229,7 @@ class Transfer(SQLModel, table=True):
     __tablename__ = "transfers"
     __table_args__ = (
         sa.CheckConstraint("amount > 0", name="ck_transfers_amount_positive"),
-        sa.CheckConstraint(
-            "debit_account_id <> credit_account_id", name="ck_transfers_distinct_accounts"
-        ),
+        sa.CheckConstraint("debit_account_id <> credit_account_id", name="ck_transfers_distinct_accounts"),
         sa.CheckConstraint(
             "(kind IN ('capture', 'void')) = (pending_id IS NOT NULL)",
             name="ck_transfers_pending_only_on_resolutions",
@@ -244,7 +241,7 @@ class Transfer(SQLModel, table=True):
     debit_account_id: int = Field(foreign_key="accounts.id", index=True)
     credit_account_id: int = Field(foreign_key="accounts.id", index=True)
     amount: int
-    pending_id: str | None = Field(default=None, foreign_key="transfers.id", unique=True)
+    pending_id: str | None = Field(default=None, max_length=100, foreign_key="transfers.id", unique=True)
     job_id: int | None = Field(default=None, foreign_key="jobs.id", index=True)
     memo: str = Field(default="", max_length=200)
     created_at: datetime = _time()
