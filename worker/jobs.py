@@ -11,9 +11,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from backends.base import Aspect, CameraMove
+from worker import ledger, pricing
 from worker.errors import InvalidParameters
 from worker.models import Job
 
@@ -74,14 +76,21 @@ def create_job(
     guild_id: str | None = None,
     channel_id: str | None = None,
     parent_job_id: int | None = None,
+    default_backend: str = "local",
 ) -> Job:
-    """Check ``params`` and write a queued job; with ``key``, return the existing job for that key."""
+    """Check ``params`` and write a queued job; with ``key``, return the existing job for that key.
+
+    With ``account_id`` the job's price is reserved from that member's credits in the same transaction
+    as the job row: either both are written or neither (:class:`~worker.errors.InsufficientCredits`
+    says the balance and the price). Jobs without an account (the operator's CLI runs) are free.
+    """
     with Session(engine) as session:
         if key is not None:
             existing = session.exec(select(Job).where(Job.key == key)).first()
             if existing is not None:
                 return existing
         p = params.checked()
+        price = _price(p, default_backend) if account_id is not None else 0
         job = Job(
             key=key,
             account_id=account_id,
@@ -98,11 +107,34 @@ def create_job(
             requested_backend=p.backend,
             model=p.model,
             source_path=str(source_path) if source_path else None,
+            price_credits=price,
         )
         session.add(job)
-        session.commit()
+        try:
+            session.flush()
+            if account_id is not None:
+                ledger.reserve(session, account_id, price, job_id=job.id or 0, memo=f"job {job.id}")
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+            if key is None:
+                raise
+            return session.exec(select(Job).where(Job.key == key)).one()  # a concurrent submit won
+        except Exception:
+            session.rollback()
+            raise
         session.refresh(job)
         return job
+
+
+def _price(params: JobParams, default_backend: str) -> int:
+    backend = params.backend or default_backend
+    try:
+        return pricing.price(backend, params.model, params.duration)
+    except pricing.UnknownPrice:
+        raise InvalidParameters(
+            f"backend {backend!r} has no price, so it cannot be charged; add it to the price table"
+        ) from None
 
 
 def load_job(engine: Engine, job_id: int) -> Job:

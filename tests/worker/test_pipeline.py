@@ -12,8 +12,10 @@ from sqlmodel import Session, select
 from backends import video
 from backends.base import CameraMove
 from backends.fake import FakeBackend
+from worker import ledger
 from worker.artifacts import STAGES
 from worker.db import init_db
+from worker.errors import InsufficientCredits
 from worker.jobs import JobParams, create_job
 from worker.models import Attempt, Clip, Job, JobStage
 from worker.pipeline import Pipeline
@@ -179,3 +181,68 @@ async def test_the_final_encode_fits_a_small_byte_limit(tmp_path):
     encode_stage = next(s for s in _stages(engine, outcome.job_id) if s.stage == "encode")
     assert encode_stage.detail["method"] == "capped-crf"
     assert 0 < outcome.clip["bytes"] <= 150 * 1024
+
+
+def _member_with(engine, credits: int) -> int:
+    with Session(engine) as s:
+        account = ledger.member_account(s, "guild-1", "user-1")
+        if credits:
+            ledger.grant(s, account.id, credits, key="welcome")
+        return account.id
+
+
+def _balance(engine, account_id):
+    with Session(engine) as s:
+        return ledger.balance(s, account_id)
+
+
+async def _run_charged(engine, settings, account_id, fake, duration=3):
+    job = create_job(engine, JobParams(prompt="p", duration=duration, backend="fake"), source_path=SAMPLE,
+                     account_id=account_id, key="interaction-1")
+    pipeline = Pipeline(engine, settings, backends={"fake": fake})
+    return job, await pipeline.run(job.id)
+
+
+async def test_a_member_pays_for_a_delivered_clip(engine, settings):
+    """Submitting holds the price; success captures exactly that much."""
+    member = _member_with(engine, 10)
+    job, outcome = await _run_charged(engine, settings, member, FakeBackend(settings))
+
+    assert outcome.status == "succeeded"
+    assert outcome.cost["credits"] == job.price_credits == 3
+    assert (_balance(engine, member).available, _balance(engine, member).held) == (7, 0)
+    with Session(engine) as s:
+        assert ledger.audit(s) == []
+
+
+async def test_a_failed_job_gives_the_credits_back(engine, settings):
+    """Failure after every retry voids the reservation: the member keeps every credit."""
+    member = _member_with(engine, 10)
+    _, outcome = await _run_charged(engine, settings, member, FakeBackend(settings, outcomes=["garbage"] * 3))
+
+    assert outcome.status == "failed"
+    assert (_balance(engine, member).available, _balance(engine, member).held) == (10, 0)
+    with Session(engine) as s:
+        assert ledger.audit(s) == []
+
+
+async def test_a_job_the_member_cannot_afford_is_refused_with_balance_and_price(engine, settings):
+    """Not enough credits: no job, no charge, and the message says both numbers."""
+    member = _member_with(engine, 2)
+    with pytest.raises(InsufficientCredits, match="this costs 3 credits but you have 2"):
+        create_job(engine, JobParams(prompt="p", duration=3, backend="fake"), source_path=SAMPLE,
+                   account_id=member)
+    with Session(engine) as s:
+        assert s.exec(select(Job)).all() == []
+    assert _balance(engine, member).available == 2
+
+
+def test_submitting_the_same_key_twice_returns_the_same_job_and_charges_once(engine):
+    """The idempotency key (the chat interaction id) makes a resubmit harmless."""
+    member = _member_with(engine, 10)
+    params = JobParams(prompt="p", duration=3, backend="fake")
+    first = create_job(engine, params, source_path=SAMPLE, account_id=member, key="interaction-9")
+    second = create_job(engine, params, source_path=SAMPLE, account_id=member, key="interaction-9")
+
+    assert first.id == second.id
+    assert (_balance(engine, member).available, _balance(engine, member).held) == (7, 3)
