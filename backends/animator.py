@@ -439,14 +439,8 @@ def render(
     started = time.perf_counter()
     rgb = _as_rgb(image)
     path = camera_path(
-        (rgb.shape[1], rgb.shape[0]),
-        camera=camera,
-        motion=motion,
-        duration=duration,
-        fps=fps,
-        width=width,
-        height=height,
-        focus=focus,
+        (rgb.shape[1], rgb.shape[0]), camera=camera, motion=motion, duration=duration, fps=fps,
+        width=width, height=height, focus=focus,
     )
     with VideoWriter(out_path, width=width, height=height, fps=fps, pix_fmt="yuv420p") as writer:
         planes = _prepare(rgb, path, width, height)  # while ffmpeg starts up
@@ -482,14 +476,8 @@ def yuv_frames(
     """
     rgb = _as_rgb(image)
     path = camera_path(
-        (rgb.shape[1], rgb.shape[0]),
-        camera=camera,
-        motion=motion,
-        duration=duration,
-        fps=fps,
-        width=width,
-        height=height,
-        focus=focus,
+        (rgb.shape[1], rgb.shape[0]), camera=camera, motion=motion, duration=duration, fps=fps,
+        width=width, height=height, focus=focus,
     )
     planes = _prepare(rgb, path, width, height)
     for m in path:

@@ -44,7 +44,7 @@ def change_fps(src: Path, dst: Path, fps: int) -> None:
 
 def fit_to_limit(src: Path, dst: Path, *, limit_bytes: int, crf: int = 20, preset: str = "medium") -> EncodeReport:
     """Write ``src`` to ``dst`` as an MP4 that plays inline on Discord and is at most ``limit_bytes``."""
-    info = video.probe(src)
+    info = video.probe(src, count=False)
     tmp = dst.with_name(dst.stem + ".part" + dst.suffix)
     maxrate: int | None = None
     if info.codec == "h264" and info.pix_fmt == "yuv420p" and info.bytes <= limit_bytes:

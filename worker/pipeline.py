@@ -490,7 +490,7 @@ class Pipeline:
     async def _store(self, run: _Run) -> dict[str, Any]:
         assert run.encoded is not None and run.job.id is not None
         final = run.encoded.path
-        info = await asyncio.to_thread(video.probe, final)
+        info = await asyncio.to_thread(video.probe, final, count=False)
         with Session(self.engine) as session:
             session.add(
                 Clip(job_id=run.job.id, account_id=run.job.account_id, guild_id=run.job.guild_id,

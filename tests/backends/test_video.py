@@ -218,3 +218,14 @@ def test_read_frames_refuses_what_is_not_video(tmp_path):
     path.write_bytes(b"garbage" * 100)
     with pytest.raises(VideoError):
         list(read_frames(path, size=(32, 18)))
+
+
+def test_a_header_only_probe_agrees_with_the_full_decode(tmp_path):
+    """probe(count=False) reads the header only and derives the same frame count for our own clips."""
+    path = tmp_path / "clip.mp4"
+    with VideoWriter(path, width=64, height=48, fps=24) as writer:
+        for i in range(36):
+            writer.write(np.full((48, 64, 3), i * 7, np.uint8))
+    full, quick = probe(path), probe(path, count=False)
+    assert (quick.width, quick.height, quick.frames, quick.codec) == (full.width, full.height, 36, "h264")
+    assert abs(quick.duration - full.duration) < 0.05
