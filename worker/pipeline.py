@@ -423,8 +423,8 @@ class Pipeline:
         interval = 0.02
         while True:
             report = await backend.status(handle)
-            if report.progress is not None:
-                self._progress("generate", report.progress)
+            if report.progress is not None:  # the stage itself reports 1.0 when it ends
+                self._progress("generate", min(report.progress, 0.99))
             if report.state is State.SUCCEEDED:
                 return await backend.result(handle)
             if report.state is State.FAILED:
