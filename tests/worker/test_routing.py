@@ -1,0 +1,91 @@
+"""Routing: subject → backend, with user and guild precedence, skipping what cannot do the job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from backends.base import CameraMove, GenerationRequest
+from backends.fake import FakeBackend
+from worker.errors import InvalidParameters
+from worker.routing import ROUTES_FILE, load_routes, plan_route
+from worker.settings import Settings
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return Settings(data_dir=tmp_path)
+
+
+def probe(tmp_path: Path, **kw) -> GenerationRequest:
+    return GenerationRequest(image_path=tmp_path / "x.png", prompt="p", output_dir=tmp_path, **kw)
+
+
+def test_every_subject_has_a_route_that_ends_in_an_installed_backend():
+    """The table covers every subject the classifier can name, and each list reaches `local`."""
+    table = load_routes(ROUTES_FILE)
+    for subject in ("portrait", "landscape", "product", "text", "other", "unknown"):
+        assert any(step.backend == "local" for step in table[subject]), subject
+        assert all(step.reason for step in table[subject]), subject
+
+
+def test_unconfigured_remote_backends_are_skipped_with_the_reason(settings, tmp_path):
+    """Without provider keys, a portrait falls through to local, and the job says why."""
+    route = plan_route("portrait", probe(tmp_path), settings)
+    assert [s.backend for s in route.steps] == ["local"]
+    assert route.origin == "table"
+    why = dict((s.backend, reason) for s, reason in route.skipped)
+    assert "unknown backend 'replicate'" in why["replicate"]
+
+
+def test_the_users_backend_always_wins(settings, tmp_path):
+    """An explicit backend is the whole route, whatever the subject."""
+    route = plan_route("portrait", probe(tmp_path), settings, backend="fake")
+    assert [s.backend for s in route.steps] == ["fake"] and route.origin == "user"
+
+
+def test_a_users_backend_that_cannot_do_the_job_is_refused_by_name(settings, tmp_path):
+    """No silent fallback when the user named the backend."""
+    with pytest.raises(InvalidParameters, match=r"backend 'fake' cannot do this: duration 45s is outside 1..30s"):
+        plan_route("other", probe(tmp_path, duration=45), settings, backend="fake")
+
+
+def test_a_guild_override_replaces_the_table_for_that_subject(settings, tmp_path):
+    """Guild admins choose their own order; local is still appended as the last resort."""
+    overrides = {"landscape": [{"backend": "fake", "reason": "our community likes it"}]}
+    route = plan_route("landscape", probe(tmp_path), settings, guild_overrides=overrides)
+    assert [s.backend for s in route.steps] == ["fake", "local"] and route.origin == "guild"
+    assert route.steps[0].reason == "our community likes it"
+
+
+def test_backends_that_cannot_honour_the_request_are_skipped(settings, tmp_path):
+    """A 45 s request skips the fake (max 30 s) and lands on local (max 60 s)."""
+    overrides = {"other": [{"backend": "fake"}]}
+    route = plan_route("other", probe(tmp_path, duration=45), settings, guild_overrides=overrides)
+    assert [s.backend for s in route.steps] == ["local"]
+    assert "duration 45s is outside 1..30s" in route.skipped[0][1]
+
+
+def test_unhealthy_backends_are_skipped(settings, tmp_path):
+    """A backend on cooldown is passed over with the health reason."""
+    overrides = {"other": [{"backend": "fake"}]}
+    route = plan_route("other", probe(tmp_path), settings, guild_overrides=overrides,
+                       healthy=lambda b, m: "cooling down after 3 failures" if b == "fake" else None)
+    assert [s.backend for s in route.steps] == ["local"]
+    assert route.skipped[0][1] == "cooling down after 3 failures"
+
+
+def test_nothing_usable_names_every_candidates_problem(settings, tmp_path):
+    """When no backend can do it, the message lists why for each."""
+    with pytest.raises(InvalidParameters, match=r"no backend can do this \(.*local: duration 90s"):
+        plan_route("other", probe(tmp_path, duration=90), settings,
+                   guild_overrides={"other": [{"backend": "fake"}]})
+
+
+def test_instances_given_by_the_caller_are_routed_like_installed_ones(settings, tmp_path):
+    """A configured backend instance (e.g. a test double) is considered by its class."""
+    route = plan_route("other", probe(tmp_path, camera=CameraMove.ORBIT_LEFT), settings,
+                       guild_overrides={"other": [{"backend": "fake"}]},
+                       instances={"fake": FakeBackend(settings)})
+    assert [s.backend for s in route.steps] == ["fake", "local"]

@@ -1,0 +1,143 @@
+"""Which backend gets which picture: the routing table, per-guild overrides and the user's own choice.
+
+    route = plan_route("portrait", probe, settings)
+    route.steps      # usable entries, best first: where the job goes, then where it falls back
+    route.skipped    # entries passed over, each with the reason (recorded on the job)
+
+Precedence: a backend the user names always wins (and is refused by name if it cannot do the job);
+otherwise a guild's override for the subject; otherwise ``worker/data/routes.toml``. The ``local``
+backend ends every route as the fallback of last resort. An entry is skipped when its backend is not
+installed, not configured (missing settings), unhealthy, or cannot honour the requested camera,
+duration or aspect.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from backends.base import Backend, GenerationRequest
+from backends.registry import UnknownBackend, get_backend_class
+from worker.errors import InvalidParameters
+
+ROUTES_FILE = Path(__file__).parent / "data" / "routes.toml"
+FALLBACK = "local"
+
+
+@dataclass(frozen=True)
+class RouteStep:
+    """One backend (and model) a subject may go to, and why."""
+
+    backend: str
+    model: str | None = None
+    reason: str = ""
+
+    @property
+    def label(self) -> str:
+        """``backend`` or ``backend/model``."""
+        return f"{self.backend}:{self.model}" if self.model else self.backend
+
+
+@dataclass(frozen=True)
+class Route:
+    """The backends a job will try, in order, and the ones passed over with the reason."""
+
+    subject: str
+    origin: str
+    steps: tuple[RouteStep, ...]
+    skipped: tuple[tuple[RouteStep, str], ...] = field(default=())
+
+    def to_json(self) -> dict[str, Any]:
+        """For the job's record and ``animabot inspect``."""
+        return {
+            "subject": self.subject,
+            "origin": self.origin,
+            "steps": [{"backend": s.backend, "model": s.model, "reason": s.reason} for s in self.steps],
+            "skipped": [{"backend": s.backend, "model": s.model, "why": why} for s, why in self.skipped],
+        }
+
+
+@lru_cache(maxsize=4)
+def load_routes(path: Path = ROUTES_FILE) -> dict[str, tuple[RouteStep, ...]]:
+    """The routing table: subject → ordered steps."""
+    with path.open("rb") as fh:
+        raw = tomllib.load(fh)
+    return {subject: tuple(_step(entry, f"{path.name} [{subject}]") for entry in entries)
+            for subject, entries in raw.items()}
+
+
+def _step(entry: Mapping[str, Any], where: str) -> RouteStep:
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("backend"), str):
+        raise ValueError(f"{where}: every entry needs a backend name")
+    return RouteStep(backend=entry["backend"], model=entry.get("model"), reason=str(entry.get("reason", "")))
+
+
+def plan_route(
+    subject: str,
+    probe: GenerationRequest,
+    settings: Any,
+    *,
+    backend: str | None = None,
+    model: str | None = None,
+    guild_overrides: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    healthy: Callable[[str, str | None], str | None] | None = None,
+    instances: Mapping[str, Backend] | None = None,
+) -> Route:
+    """The route for a picture of ``subject`` and a request shaped like ``probe``.
+
+    ``healthy(backend, model)`` returns why a backend is unavailable (cooldown, outage) or None.
+    Raises :class:`~worker.errors.InvalidParameters` when nothing on the route can do the job, naming
+    what each candidate could not do.
+    """
+    if backend:
+        origin, candidates = "user", [RouteStep(backend, model, "chosen by the user")]
+    elif guild_overrides and subject in guild_overrides:
+        origin = "guild"
+        candidates = [_step(e, f"guild override [{subject}]") for e in guild_overrides[subject]]
+    else:
+        table = load_routes()
+        origin, candidates = "table", list(table.get(subject) or table.get("other") or ())
+    if not backend and all(c.backend != FALLBACK for c in candidates):
+        candidates.append(RouteStep(FALLBACK, None, "fallback of last resort"))
+
+    steps: list[RouteStep] = []
+    skipped: list[tuple[RouteStep, str]] = []
+    for step in candidates:
+        why = _why_not(step, probe, settings, healthy, instances or {})
+        if why is None:
+            steps.append(step)
+        else:
+            skipped.append((step, why))
+    if not steps:
+        problems = "; ".join(f"{s.label}: {why}" for s, why in skipped)
+        if backend:
+            raise InvalidParameters(f"backend {backend!r} cannot do this: {skipped[0][1]}")
+        raise InvalidParameters(f"no backend can do this ({problems}); try another camera, duration or aspect")
+    return Route(subject=subject, origin=origin, steps=tuple(steps), skipped=tuple(skipped))
+
+
+def _why_not(
+    step: RouteStep,
+    probe: GenerationRequest,
+    settings: Any,
+    healthy: Callable[[str, str | None], str | None] | None,
+    instances: Mapping[str, Backend],
+) -> str | None:
+    if step.backend in instances:
+        cls: type[Backend] = type(instances[step.backend])
+    else:
+        try:
+            cls = get_backend_class(step.backend)
+        except UnknownBackend as exc:
+            return str(exc)
+    usable = cls.check_usable(settings)
+    if not usable.usable:
+        return f"not configured ({usable.reason})"
+    if healthy is not None and (problem := healthy(step.backend, step.model)):
+        return problem
+    refusals = cls.capabilities.refusals(replace(probe, model=step.model))
+    return "; ".join(refusals) or None
