@@ -6,8 +6,12 @@ Outcomes, consumed one per submit (then ``ok`` forever)::
 
     ok        a real H.264 clip of the source panning, at the requested size, fps and duration
     frozen    a real clip whose frames never change
+    flicker   the pan, with brightness jumping up and down every frame
+    drift     the pan, with colours melting steadily away from the source
+    black     the pan, with its middle third black
     garbage   a file that is not a video
     fail      FAILED with a transient error (outage)
+    invalid   FAILED with a permanent error for this backend (the job moves on to the next)
     refuse    FAILED with a moderation refusal (permanent)
     hang      RUNNING forever
 
@@ -24,6 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -38,11 +43,15 @@ from backends.base import (
     GenerationRequest,
     GenerationResult,
     Handle,
+    InvalidRequest,
     State,
     StatusReport,
 )
 
-OUTCOMES = frozenset({"ok", "frozen", "garbage", "fail", "refuse", "hang"})
+OUTCOMES = frozenset(
+    {"ok", "frozen", "flicker", "drift", "black", "garbage", "fail", "invalid", "refuse", "hang"}
+)
+DEFECTS = frozenset({"frozen", "flicker", "drift", "black"})
 
 
 class FakeBackend(Backend):
@@ -103,6 +112,9 @@ class FakeBackend(Backend):
         if outcome == "fail":
             error = BackendUnavailable("the fake provider had an outage", backend=self.name)
             return StatusReport(State.FAILED, message=error.message, error=error)
+        if outcome == "invalid":
+            error = InvalidRequest("the fake provider rejected the request", backend=self.name)
+            return StatusReport(State.FAILED, message=error.message, error=error)
         if outcome == "refuse":
             error = ContentRefused("the fake provider's moderation refused the input", backend=self.name)
             return StatusReport(State.FAILED, message=error.message, error=error)
@@ -118,26 +130,42 @@ class FakeBackend(Backend):
         if outcome == "garbage":
             out.write_bytes(b"\x00garbage, not a video\x00" * 64)
         else:
-            await asyncio.to_thread(self._render, req, out, frozen=outcome == "frozen")
+            await asyncio.to_thread(self._render, req, out, outcome)
         return GenerationResult(
             video_path=out, width=req["width"], height=req["height"], fps=req["fps"], frames=frames
         )
 
     @staticmethod
-    def _render(req: dict[str, Any], out: Path, *, frozen: bool) -> None:
+    def _render(req: dict[str, Any], out: Path, outcome: str) -> None:
         with Image.open(req["image"]) as im:
             pixels = np.asarray(im.convert("RGB"))
-        if not frozen:
+        if outcome not in DEFECTS:
             animator.render(
                 pixels, out, camera=CameraMove.PAN_RIGHT, motion=2, duration=req["duration"],
                 fps=req["fps"], width=req["width"], height=req["height"],
             )
             return
-        frame = np.asarray(Image.fromarray(pixels).resize((req["width"], req["height"])))
-        with video.VideoWriter(out, width=req["width"], height=req["height"], fps=req["fps"]) as writer:
-            for _ in range(round(req["fps"] * req["duration"])):
-                writer.write(frame)
+        w, h, n = req["width"], req["height"], round(req["fps"] * req["duration"])
+        base = cv2.resize(pixels, (w, h), interpolation=cv2.INTER_AREA)
+        with video.VideoWriter(out, width=w, height=h, fps=req["fps"]) as writer:
+            for i in range(n):
+                writer.write(_defective_frame(base, outcome, i, n))
 
     async def cancel(self, handle: Handle) -> None:
         """Mark the handle canceled."""
         self.canceled.add(handle.id)
+
+
+def _defective_frame(base: np.ndarray, defect: str, i: int, n: int) -> np.ndarray:
+    """Frame ``i`` of ``n`` of a slow pan over ``base`` with one known defect."""
+    if defect == "frozen":
+        return base
+    shift = np.float32([[1, 0, -0.1 * base.shape[1] * i / n], [0, 1, 0]])
+    frame = cv2.warpAffine(base, shift, (base.shape[1], base.shape[0]), borderMode=cv2.BORDER_REFLECT)
+    if defect == "flicker":
+        return cv2.convertScaleAbs(frame, alpha=1.25 if i % 2 else 0.75)
+    if defect == "black":
+        return np.zeros_like(frame) if n // 3 <= i < 2 * n // 3 else frame
+    hsv = cv2.cvtColor(frame, cv2.COLOR_RGB2HSV)  # drift: the hue walks half way round the wheel
+    hsv[..., 0] = (hsv[..., 0].astype(np.int32) + int(90 * i / n)) % 180
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)

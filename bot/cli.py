@@ -2,7 +2,8 @@
 
     animabot demo                                   animate the bundled NASA astronaut portrait
     animabot animate photo.jpg --prompt "gentle waves" --camera pan-left -o waves.mp4 [--json]
-    animabot inspect photo.jpg [--json]             what validation concludes, without generating
+    animabot inspect photo.jpg [--json]             validation, subject, faces and route, without generating
+    animabot qc clip.mp4 [--source photo.jpg] [--json]   the quality gate's verdict on any clip
     animabot backends [--json]                      installed backends, usable or not, and why
 
 Exit codes: 0 success, 2 invalid input (one line on stderr, never a traceback), 1 generation failed
@@ -187,7 +188,8 @@ def inspect(image: Path, as_json: bool) -> None:
         if not image.is_file():
             raise UserError(f"{image} is not a file; give the path of a JPEG, PNG or WebP picture",
                             code="not_found")
-        report = {"ok": True, **imaging.describe(imaging.load_image(image, settings), settings)}
+        source = imaging.load_image(image, settings)
+        report = {"ok": True, **imaging.describe(source, settings), **_subject_and_route(source, settings)}
     except UserError as exc:
         if as_json:
             click.echo(json.dumps({"ok": False, "error": exc.to_json()}))
@@ -196,6 +198,24 @@ def inspect(image: Path, as_json: bool) -> None:
         click.echo(json.dumps(report))
         return
     _print_fields(report)
+
+
+def _subject_and_route(source: Any, settings: Settings) -> dict[str, Any]:
+    """What the classify and route stages would conclude for this picture."""
+    from backends.base import GenerationRequest
+    from worker import imaging, prompts, routing, subject
+
+    found = subject.classify(source.image)
+    aspect = imaging.resolve_aspect(*source.size)
+    width, height = aspect.size(settings.output_long_side)
+    steering = prompts.steer(found.kind, CameraMove.ZOOM_IN)
+    probe = GenerationRequest(image_path=Path("probe.png"), prompt="", output_dir=Path("."), camera=steering.camera,
+                              duration=settings.default_duration, aspect=aspect, width=width, height=height)
+    try:
+        route: dict[str, Any] = routing.plan_route(found.kind, probe, settings).to_json()
+    except UserError as exc:
+        route = {"error": exc.message}
+    return {"subject": found.to_json(), "route": route}
 
 
 def _print_fields(fields: dict[str, Any], prefix: str = "") -> None:
@@ -208,6 +228,51 @@ def _print_fields(fields: dict[str, Any], prefix: str = "") -> None:
         else:
             shown = ", ".join(map(str, value)) if isinstance(value, list) else value
             click.echo(f"{prefix + key:>22}: {shown if shown != '' else '-'}")
+
+
+@main.command()
+@click.argument("clip", type=click.Path(path_type=Path))
+@click.option("--source", type=click.Path(path_type=Path), default=None,
+              help="The picture the clip was made from (enables the drift and wrong-start checks).")
+@click.option("--duration", type=float, default=None, help="Requested length in seconds (default: the clip's).")
+@click.option("--size", default=None, help="Requested WIDTHxHEIGHT (default: the clip's).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def qc(clip: Path, source: Path | None, duration: float | None, size: str | None, as_json: bool) -> None:
+    """Run the quality gate on CLIP: accepted or rejected, with reasons and metrics (exit 0 either way)."""
+    import numpy as np
+
+    from backends import video
+    from worker import imaging, quality
+
+    settings = get_settings()
+    try:
+        info = video.probe(clip)
+    except (video.VideoError, OSError) as exc:
+        _fail(f"cannot read {clip}: {exc}")
+    width, height = info.width, info.height
+    if size:
+        try:
+            width, height = (int(v) for v in size.lower().split("x"))
+        except ValueError:
+            _fail(f"--size {size!r} is not WIDTHxHEIGHT, e.g. 1280x720")
+    pixels = None
+    if source is not None:
+        try:
+            picture = imaging.load_image(source, settings)
+        except UserError as exc:
+            _fail(f"cannot read {source}: {exc.message}")
+        aspect = imaging.resolve_aspect(width, height)
+        fitted, _ = imaging.fit(picture.image, aspect, width=width, height=height, mode=settings.fit_mode)
+        pixels = np.asarray(fitted.convert("RGB"))
+    verdict = quality.judge(clip, width=width, height=height, fps=info.fps, duration=duration or info.duration,
+                            source=pixels, thresholds=settings.quality_thresholds())
+    if as_json:
+        click.echo(json.dumps({"accepted": verdict.accepted, "reasons": verdict.reasons,
+                               "metrics": {**verdict.metrics, "score": verdict.score}}))
+        return
+    click.echo("accepted" if verdict.accepted else "rejected: " + ", ".join(
+        f"{r} ({quality.REASON_TEXT.get(r, r)})" for r in verdict.reasons))
+    _print_fields(verdict.metrics)
 
 
 @main.command()

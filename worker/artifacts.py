@@ -4,7 +4,7 @@ One folder per job under the media folder; one file per stage output, numbered i
 carrying the parameters that produced it::
 
     media/job-17/01-validate-source.jpg                     the upload, byte for byte
-    media/job-17/02-enhance-1280x720-crop.png               fitted to the target size
+    media/job-17/03-enhance-1280x720-crop.png               fitted to the target size
     media/job-17/06-generate-local-zoom-in-m2-s42-a1.mp4    attempt 1 of the generate stage
     media/job-17/08-post-process-24fps.mp4
     media/job-17/09-encode-h264-10MiB.mp4                   fits the delivery byte limit
@@ -18,8 +18,8 @@ from pathlib import Path
 #: Pipeline stages in order; the number in a file name is the stage's position here.
 STAGES = (
     "validate",
-    "enhance",
     "classify",
+    "enhance",
     "route",
     "prompt",
     "generate",

@@ -1,6 +1,6 @@
 """The pipeline: turns a queued job into a stored clip, one plain stage at a time.
 
-    validate → enhance → classify → route → prompt → generate → check → post-process → encode → store
+    validate → classify → enhance → route → prompt → generate → check → post-process → encode → store
 
 Each stage is a method that reads what earlier stages left on the :class:`_Run` and returns a small
 JSON-able dict of what it found; the runner records that, the outcome and the timing as a
@@ -20,6 +20,7 @@ The CLI runs this in-process; the job system will run the same stages from its t
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import shutil
 import time
@@ -28,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
@@ -38,16 +41,18 @@ from backends.base import (
     BackendError,
     BackendTimeout,
     BackendUnavailable,
+    Box,
     CameraMove,
+    ContentRefused,
     GenerationRequest,
     GenerationResult,
     Handle,
     State,
 )
 from backends.registry import UnknownBackend, create_backend, get_backend_class
-from worker import artifacts, encode, imaging, ledger, pricing, quality
+from worker import artifacts, encode, imaging, ledger, postprocess, pricing, prompts, quality, routing, subject
 from worker.errors import InvalidParameters, UserError
-from worker.models import Attempt, Clip, Job, JobStage, JobState, utcnow
+from worker.models import Attempt, Clip, GuildSettings, Job, JobStage, JobState, utcnow
 from worker.settings import Settings
 
 ProgressCallback = Callable[[str, float], None]
@@ -55,8 +60,8 @@ ProgressCallback = Callable[[str, float], None]
 #: The job state a stage runs in.
 STAGE_STATE = {
     "validate": JobState.VALIDATING,
-    "enhance": JobState.VALIDATING,
     "classify": JobState.VALIDATING,
+    "enhance": JobState.VALIDATING,
     "route": JobState.VALIDATING,
     "prompt": JobState.VALIDATING,
     "generate": JobState.GENERATING,
@@ -120,11 +125,23 @@ class _Run:
     height: int = 0
     fitted: Path | None = None
     subject: str = "unknown"
+    faces: tuple[Box, ...] = ()
+    focus: Box | None = None
+    fitted_pixels: np.ndarray | None = None
+    route: routing.Route | None = None
+    camera: CameraMove = CameraMove.ZOOM_IN
+    motion: int = 2
+    model: str | None = None
     backend: Backend | None = None
     prompt: str = ""
     negative: str = ""
     seed: int = 0
     attempt: int = 0
+    candidates: list[tuple[float, int, GenerationResult, quality.Verdict]] = field(default_factory=list)
+    segments: list[GenerationResult] = field(default_factory=list)
+    segment_image: Path | None = None
+    segment_pixels: np.ndarray | None = None
+    segment_duration: float = 0.0
     generated: GenerationResult | None = None
     verdict: quality.Verdict | None = None
     finished: Path | None = None
@@ -183,7 +200,7 @@ class Pipeline:
         run = _Run(job=job, settings=self.settings, deliver_to=deliver_to, seed=job.seed)
         status, error = "succeeded", None
         try:
-            for stage in ("validate", "enhance", "classify", "route", "prompt"):
+            for stage in ("validate", "classify", "enhance", "route", "prompt"):
                 await self._stage(run, stage, getattr(self, "_" + stage))
             await self._generate_until_accepted(run)
             for stage in ("post-process", "encode", "store"):
@@ -303,6 +320,13 @@ class Pipeline:
             "orientation_fixed": source.orientation_fixed, "conversions": source.conversions,
         }
 
+    async def _classify(self, run: _Run) -> dict[str, Any]:
+        assert run.source is not None
+        found = await asyncio.to_thread(subject.classify, run.source.image)
+        run.subject, run.faces = found.kind, found.faces
+        self._move(run, JobState.VALIDATING, subject=run.subject)
+        return found.to_json()
+
     async def _enhance(self, run: _Run) -> dict[str, Any]:
         assert run.source is not None
         allowed = None
@@ -313,101 +337,212 @@ class Pipeline:
         else:
             run.aspect = Aspect(run.job.aspect)
         run.width, run.height = run.aspect.size(self.settings.output_long_side)
+        face = max(run.faces, key=lambda b: b.width * b.height, default=None)
         fitted, report = await asyncio.to_thread(
             imaging.fit, run.source.image, run.aspect, width=run.width, height=run.height,
-            mode=self.settings.fit_mode,
+            mode=self.settings.fit_mode, focus=face.center if face else None,
         )
+        run.focus = _map_box(face, report) if face else None
         run.fitted = run.artifact("enhance", f"{run.width}x{run.height}", self.settings.fit_mode, ext="png")
+        run.fitted_pixels = np.asarray(fitted.convert("RGB"))
         await asyncio.to_thread(fitted.save, run.fitted, compress_level=1)
-        return {"aspect": run.aspect.value, "width": run.width, "height": run.height, **_jsonable(report)}
-
-    async def _classify(self, run: _Run) -> dict[str, Any]:
-        run.subject = "unknown"
-        self._move(run, JobState.VALIDATING, subject=run.subject)
-        return {"subject": run.subject, "confidence": 0.0, "faces": []}
+        detail = {"aspect": run.aspect.value, "width": run.width, "height": run.height, **_jsonable(report)}
+        if run.focus is not None:
+            detail["focus"] = _jsonable(run.focus)
+        return detail
 
     async def _route(self, run: _Run) -> dict[str, Any]:
-        name = run.job.requested_backend or self.settings.default_backend
-        cls = self._backend_class(name)
-        usable = cls.check_usable(self.settings)
-        if not usable.usable:
-            raise InvalidParameters(f"backend {name!r} is not usable here: {usable.reason}")
-        backend = self.backend(name)
-        refusals = backend.refusals(self._request(run, backend, out_name="probe.mp4"))
-        if refusals:
-            raise InvalidParameters(f"backend {name!r} cannot do this: " + "; ".join(refusals))
-        run.backend = backend
+        steering = prompts.steer(run.subject, CameraMove(run.job.camera))
+        run.camera, run.motion = steering.camera, run.job.motion
+        overrides = self._guild_overrides(run.job.guild_id)
+        probe = self._request(run, None, out_name="probe.mp4")
+        run.route = routing.plan_route(
+            run.subject, probe, self.settings, backend=run.job.requested_backend, model=run.job.model,
+            guild_overrides=overrides, instances=self._backends,
+        )
+        first = run.route.steps[0]
         try:
-            credits = pricing.price(name, run.job.model, run.job.duration)
+            credits = pricing.price(first.backend, first.model, run.job.duration)
         except pricing.UnknownPrice:
             credits = 0
-        self._move(run, JobState.VALIDATING, backend=name, price_credits=max(run.job.price_credits, credits))
-        reason = "requested by the user" if run.job.requested_backend else "the configured default backend"
-        return {"backend": name, "reason": reason, "price_credits": credits}
+        self._move(run, JobState.VALIDATING, backend=first.backend,
+                   price_credits=max(run.job.price_credits, credits))
+        detail = {**run.route.to_json(), "camera": run.camera.value, "price_credits": credits}
+        if steering.warning:
+            detail["warning"] = steering.warning
+        return detail
+
+    def _guild_overrides(self, guild_id: str | None) -> dict[str, Any] | None:
+        if not guild_id:
+            return None
+        with Session(self.engine) as session:
+            guild = session.get(GuildSettings, guild_id)
+            return dict(guild.routing_overrides) if guild and guild.routing_overrides else None
 
     async def _prompt(self, run: _Run) -> dict[str, Any]:
-        run.prompt, run.negative = run.job.prompt, run.job.negative_prompt
+        built = prompts.build_prompt(run.subject, run.job.prompt, run.camera, motion=run.motion,
+                                     negative=run.job.negative_prompt)
+        run.prompt, run.negative = built.prompt, built.negative
         return {"prompt": run.prompt, "negative": run.negative}
 
     async def _generate_until_accepted(self, run: _Run) -> None:
-        """The single retry loop: generate, check, and on a transient error or a rejection go again."""
+        """The single retry loop, along the route.
+
+        Each backend gets up to ``attempts_per_backend`` attempts and the job ``max_attempts`` in all.
+        A transient error or a rejected clip is retried with a new seed (after a drift rejection also
+        with one step less motion, the known cure for morphing); a permanent error moves on to the
+        next backend; a moderation refusal ends the job. With ``best_of`` > 1 the job keeps generating
+        until it has that many accepted candidates (or the budget is spent) and keeps the best.
+        """
+        assert run.route is not None and run.fitted is not None
         failures: list[str] = []
-        for number in range(1, self.settings.max_attempts + 1):
-            run.attempt, run.generated, run.verdict = number, None, None
-            if number > 1:
-                run.seed = random.randrange(2**31)
-            try:
-                await self._stage(run, "generate", self._generate)
-            except BackendError as exc:
-                self._end_attempt(run, "error", error=exc)
-                failures.append(exc.message)
-                if not exc.transient:
-                    raise GenerationFailed(exc.code, _plain(exc)) from exc
-                await asyncio.sleep(min(self.settings.retry_backoff * 2 ** (number - 1), 30.0))
-                continue
-            await self._stage(run, "check", self._check)
-            assert run.verdict is not None
-            self._end_attempt(run, "accepted" if run.verdict.accepted else "rejected")
-            if run.verdict.accepted:
-                return
-            failures.append("the output " + ", ".join(run.verdict.reasons).replace("_", " "))
+        run.segment_image, run.segment_pixels = run.fitted, run.fitted_pixels
+        for step in run.route.steps:
+            run.backend, run.model, run.motion = self.backend(step.backend), step.model, run.job.motion
+            tries = 0
+            while tries < self.settings.attempts_per_backend and run.attempt < self._budget(run):
+                tries += 1
+                run.attempt, run.generated, run.verdict = run.attempt + 1, None, None
+                run.segment_duration = self._next_segment(run)
+                if run.attempt > 1:
+                    run.seed = random.randrange(2**31)
+                try:
+                    await self._stage(run, "generate", self._generate)
+                except BackendError as exc:
+                    self._end_attempt(run, "error", error=exc)
+                    failures.append(exc.message)
+                    if isinstance(exc, ContentRefused):
+                        raise GenerationFailed(exc.code, _plain(exc)) from exc
+                    if not exc.transient:
+                        break  # this backend cannot do it: next on the route
+                    await asyncio.sleep(min(self.settings.retry_backoff * 2 ** (run.attempt - 1), 30.0))
+                    continue
+                await self._stage(run, "check", self._check)
+                verdict, result = run.verdict, run.generated
+                assert verdict is not None and result is not None
+                if not verdict.accepted:
+                    self._end_attempt(run, "rejected")
+                    failures.append("it " + ", ".join(quality.REASON_TEXT.get(r, r) for r in verdict.reasons))
+                    if {"drift", "wrong_start"} & set(verdict.reasons):
+                        run.motion = max(0, run.motion - 1)
+                    continue
+                self._end_attempt(run, "accepted")
+                tries = 0  # a new segment starts a fresh count on this backend
+                if self._extending(run):
+                    run.segments.append(result)
+                    if self._covered(run) >= run.job.duration - 1e-6:
+                        return
+                    await self._continue_from_last_frame(run, result)
+                    continue
+                run.candidates.append((verdict.score, run.attempt, result, verdict))
+                if len(run.candidates) >= self.settings.best_of:
+                    break
+            if run.candidates or run.attempt >= self._budget(run):
+                break
+        if run.candidates:
+            _, number, result, verdict = max(run.candidates, key=lambda c: (c[0], -c[1]))
+            run.generated, run.verdict = result, verdict
+            assert run.backend is not None
+            chosen = self._attempt_backend(run.job.id, number)
+            self._move(run, run.job.job_state, backend=chosen)
+            for _, other, _, _ in run.candidates:
+                if other != number:
+                    self._set_verdict(run.job.id, other, "runner-up")
+            return
         raise GenerationFailed(
             "generation_failed",
-            f"no usable clip after {self.settings.max_attempts} attempts ({failures[-1]}); "
+            f"no usable clip after {run.attempt} attempts ({failures[-1] if failures else 'no backend ran'}); "
             "nothing was charged — try again, or try another camera move or backend",
         )
 
-    def _request(self, run: _Run, backend: Backend, *, out_name: str) -> GenerationRequest:
+    def _budget(self, run: _Run) -> int:
+        """Attempts this job may make: ``max_attempts`` per segment it needs."""
+        return self.settings.max_attempts * max(1, math.ceil(run.job.duration / self._max_segment(run)))
+
+    def _max_segment(self, run: _Run) -> float:
+        assert run.backend is not None
+        return run.backend.capabilities.durations[1]
+
+    def _extending(self, run: _Run) -> bool:
+        """Whether this job is longer than its backend allows, so it is built from segments."""
+        return bool(run.segments) or run.job.duration > self._max_segment(run) + 1e-6
+
+    def _covered(self, run: _Run) -> float:
+        overlap = self.settings.stitch_overlap
+        return sum(seg.duration for seg in run.segments) - overlap * max(0, len(run.segments) - 1)
+
+    def _next_segment(self, run: _Run) -> float:
+        """Length of the next generation: the whole clip, or the next segment of an extension.
+
+        Segments overlap by ``stitch_overlap`` seconds for the cross-fade; a remainder that would be
+        shorter than the backend allows is balanced with the segment before it.
+        """
+        assert run.backend is not None
+        lo, hi = run.backend.capabilities.durations
+        if not self._extending(run):
+            return run.job.duration
+        overlap = self.settings.stitch_overlap
+        remaining = run.job.duration - self._covered(run) + (overlap if run.segments else 0.0)
+        if remaining <= hi:
+            return max(remaining, lo)
+        if remaining < 2 * hi - overlap:
+            return max((remaining + overlap) / 2, lo)
+        return hi
+
+    async def _continue_from_last_frame(self, run: _Run, result: GenerationResult) -> None:
+        """The next segment starts from this segment's exact last frame."""
+        pixels = await asyncio.to_thread(postprocess.last_frame, result.video_path)
+        path = run.artifact("generate", "lastframe", f"seg{len(run.segments)}", ext="png")
+        await asyncio.to_thread(Image.fromarray(pixels).save, path, compress_level=1)
+        run.segment_image, run.segment_pixels = path, pixels
+
+    def _attempt_backend(self, job_id: int | None, number: int) -> str:
+        with Session(self.engine) as session:
+            return session.exec(
+                select(Attempt.backend).where(Attempt.job_id == job_id, Attempt.number == number)
+            ).one()
+
+    def _set_verdict(self, job_id: int | None, number: int, verdict: str) -> None:
+        with Session(self.engine) as session:
+            attempt = session.exec(
+                select(Attempt).where(Attempt.job_id == job_id, Attempt.number == number)
+            ).one()
+            attempt.verdict = verdict
+            session.add(attempt)
+            session.commit()
+
+    def _request(self, run: _Run, backend: Backend | None, *, out_name: str) -> GenerationRequest:
         assert run.fitted is not None
         return GenerationRequest(
-            image_path=run.fitted,
+            image_path=run.segment_image or run.fitted,
             prompt=run.prompt,
             negative_prompt=run.negative,
             output_dir=artifacts.job_dir(self.settings.media_path, run.job.id or 0),
             output_name=out_name,
-            camera=CameraMove(run.job.camera),
-            motion=run.job.motion,
-            duration=run.job.duration,
+            camera=run.camera,
+            motion=run.motion,
+            duration=run.segment_duration if backend else run.job.duration,
             aspect=run.aspect,
             width=run.width,
             height=run.height,
-            fps=backend.capabilities.fps,
+            fps=backend.capabilities.fps if backend else self.settings.output_fps,
             seed=run.seed,
-            model=run.job.model,
+            model=run.model if backend else run.job.model,
+            focus=run.focus,
         )
 
     async def _generate(self, run: _Run) -> dict[str, Any]:
         backend = run.backend
         assert backend is not None and run.job.id is not None
         out_name = artifacts.artifact_name(
-            "generate", backend.name, run.job.camera, f"m{run.job.motion}", f"s{run.seed}",
+            "generate", backend.name, run.model or "", run.camera.value, f"m{run.motion}", f"s{run.seed}",
             f"a{run.attempt}", ext="mp4",
         )
         request = self._request(run, backend, out_name=out_name)
         with Session(self.engine) as session:
             session.add(
-                Attempt(job_id=run.job.id, number=run.attempt, backend=backend.name, model=run.job.model,
-                        seed=run.seed, motion=run.job.motion)
+                Attempt(job_id=run.job.id, number=run.attempt, backend=backend.name, model=run.model,
+                        seed=run.seed, motion=run.motion)
             )
             session.commit()
         handle = await backend.submit(request)
@@ -415,6 +550,8 @@ class Pipeline:
         run.generated = await self._wait(backend, handle)
         self._update_attempt(run, state="generated", output_path=str(run.generated.video_path),
                              cost_usd=run.generated.cost_usd)
+        if run.generated.cost_usd:  # the provider is paid for every output, accepted or not
+            self._move(run, run.job.job_state, cost_usd=run.job.cost_usd + run.generated.cost_usd)
         return {"backend": backend.name, "attempt": run.attempt, "seed": run.seed,
                 "output": run.generated.video_path.name}
 
@@ -454,31 +591,54 @@ class Pipeline:
         if error is not None:
             fields.update(error_code=error.code, error_message=error.message[:2000])
         self._update_attempt(run, **fields)
-        if run.generated is not None and verdict == "accepted":
-            with Session(self.engine) as session:
-                job = session.get(Job, run.job.id)
-                assert job is not None
-                job.cost_usd += run.generated.cost_usd
-                session.add(job)
-                session.commit()
 
     async def _check(self, run: _Run) -> dict[str, Any]:
         assert run.generated is not None
         run.verdict = await asyncio.to_thread(
             quality.judge, run.generated.video_path, width=run.width, height=run.height,
-            fps=run.generated.fps, duration=run.job.duration,
+            fps=run.generated.fps, duration=run.segment_duration, source=run.segment_pixels,
+            thresholds=self.settings.quality_thresholds(),
         )
         return run.verdict.to_json()
 
     async def _post_process(self, run: _Run) -> dict[str, Any]:
-        assert run.generated is not None
+        detail: dict[str, Any] = {}
         target = self.settings.output_fps
-        if round(run.generated.fps) == target:
-            run.finished = run.generated.video_path
-            return {"skipped": True, "reason": f"already {target} fps"}
-        run.finished = run.artifact("post-process", f"{target}fps", ext="mp4")
-        await asyncio.to_thread(encode.change_fps, run.generated.video_path, run.finished, target)
-        return {"fps": [run.generated.fps, target], "method": "duplicate"}
+        changed = bool(run.segments)
+        if run.segments:
+            stitched = run.artifact("post-process", f"stitch{len(run.segments)}", ext="mp4")
+            report = await asyncio.to_thread(
+                postprocess.stitch, [seg.video_path for seg in run.segments], stitched,
+                overlap=self.settings.stitch_overlap, fps=target, width=run.width, height=run.height,
+            )
+            detail["stitch"] = {"segments": len(run.segments), "seams": report.seams, "frames": report.frames}
+            current, fps = stitched, float(target)
+        else:
+            assert run.generated is not None
+            current, fps = run.generated.video_path, run.generated.fps
+        if round(fps) != target:
+            out = run.artifact("post-process", f"{target}fps", self.settings.interpolation, ext="mp4")
+            report = await asyncio.to_thread(
+                postprocess.interpolate, current, out, fps=target, mode=self.settings.interpolation
+            )
+            detail["interpolate"] = {"from_fps": fps, "fps": target, "mode": report.mode, "frames": report.frames}
+            current, changed = out, True
+        if changed:  # joining and smoothing make new frames: the gate judges them like any others
+            verdict = await asyncio.to_thread(
+                quality.judge, current, width=run.width, height=run.height, fps=target,
+                duration=run.job.duration, thresholds=self.settings.quality_thresholds(),
+            )
+            detail["verdict"] = verdict.to_json()
+            if not verdict.accepted:
+                reasons = ", ".join(quality.REASON_TEXT.get(r, r) for r in verdict.reasons)
+                raise GenerationFailed(
+                    "post_process_rejected",
+                    f"the finished clip {reasons} after joining or smoothing it; nothing was charged — try again",
+                )
+        run.finished = current
+        if not detail:
+            return {"skipped": True, "reason": f"already {target} fps, one segment"}
+        return detail
 
     async def _encode(self, run: _Run) -> dict[str, Any]:
         assert run.finished is not None
@@ -513,6 +673,16 @@ class Pipeline:
             return get_backend_class(name)
         except UnknownBackend as exc:
             raise InvalidParameters(str(exc)) from None
+
+
+def _map_box(box: Box, fit: imaging.FitReport) -> Box:
+    """A box in source-image pixels, in the pixels of the fitted picture."""
+    k = fit.scale
+    if fit.crop_box is not None:
+        x0, y0 = fit.crop_box[0], fit.crop_box[1]
+        return Box((box.x - x0) * k, (box.y - y0) * k, box.width * k, box.height * k)
+    left, top = (fit.pad[0], fit.pad[1]) if fit.pad else (0, 0)
+    return Box(box.x * k + left, box.y * k + top, box.width * k, box.height * k)
 
 
 def _size_label(limit: int) -> str:

@@ -8,7 +8,8 @@ Precedence: a backend the user names always wins (and is refused by name if it c
 otherwise a guild's override for the subject; otherwise ``worker/data/routes.toml``. The ``local``
 backend ends every route as the fallback of last resort. An entry is skipped when its backend is not
 installed, not configured (missing settings), unhealthy, or cannot honour the requested camera,
-duration or aspect.
+duration or aspect. A duration longer than a backend allows is not a reason to skip it: the pipeline
+builds such clips from segments, each continuing the last frame of the one before.
 """
 
 from __future__ import annotations
@@ -139,5 +140,7 @@ def _why_not(
         return f"not configured ({usable.reason})"
     if healthy is not None and (problem := healthy(step.backend, step.model)):
         return problem
-    refusals = cls.capabilities.refusals(replace(probe, model=step.model))
+    # Longer than the backend allows is fine: the pipeline extends the clip segment by segment.
+    segment = min(probe.duration, cls.capabilities.durations[1])
+    refusals = cls.capabilities.refusals(replace(probe, model=step.model, duration=segment))
     return "; ".join(refusals) or None

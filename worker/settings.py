@@ -11,17 +11,35 @@ a media folder under ``./animabot-data``. ``.env.example`` documents each one; a
 
 from __future__ import annotations
 
+import dataclasses
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
 
 
-class Settings(BaseSettings):
+def _quality_fields() -> dict[str, Any]:
+    """One ``qc_<name>`` setting per quality-gate threshold, defaults from ``worker.quality.Thresholds``."""
+    from worker.quality import Thresholds
+
+    return {
+        f"qc_{f.name}": (
+            type(f.default),
+            Field(f.default, description=f"Quality gate: {f.name} (documented on worker.quality.Thresholds)."),
+        )
+        for f in dataclasses.fields(Thresholds)
+    }
+
+
+#: The quality gate's thresholds as settings (``ANIMABOT_QC_FROZEN_MAD=0.5`` etc.).
+_QualitySettings = create_model("_QualitySettings", __base__=BaseSettings, **_quality_fields())
+
+
+class Settings(_QualitySettings):  # type: ignore[misc,valid-type]
     """Configuration for every process of animabot (CLI, bot, workers)."""
 
     model_config = SettingsConfigDict(
@@ -40,7 +58,19 @@ class Settings(BaseSettings):
     output_fps: int = Field(24, ge=1, le=60, description="Frame rate of delivered clips.")
     output_long_side: int = Field(1280, ge=256, le=3840, description="Long side of delivered clips, px.")
 
-    max_attempts: int = Field(3, ge=1, le=10, description="Generation attempts per job before it fails.")
+    max_attempts: int = Field(4, ge=1, le=20, description="Generation attempts per job, all backends together.")
+    attempts_per_backend: int = Field(
+        3, ge=1, le=10, description="Attempts on one backend before the job falls back to the next on its route."
+    )
+    best_of: int = Field(
+        1, ge=1, le=8, description="Accepted candidates to generate per job; the gate's best one is kept."
+    )
+    stitch_overlap: float = Field(
+        0.5, ge=0.25, le=1.0, description="Cross-fade, in seconds, where an extended clip's segments join."
+    )
+    interpolation: Literal["motion", "blend"] = Field(
+        "motion", description="How clips under 24 fps are brought to 24: motion-compensated or a fast blend."
+    )
     generation_timeout: float = Field(900.0, gt=0, description="Seconds one attempt may take.")
     retry_backoff: float = Field(1.0, ge=0, description="First wait before retrying a failed attempt, s.")
 
@@ -74,6 +104,12 @@ class Settings(BaseSettings):
             self.media_dir = self.data_dir / "media"
         return self
 
+    def quality_thresholds(self) -> Any:
+        """The quality gate's thresholds (``worker.quality.Thresholds``) from the ``qc_*`` settings."""
+        from worker.quality import Thresholds
+
+        return Thresholds(**{f.name: getattr(self, f"qc_{f.name}") for f in dataclasses.fields(Thresholds)})
+
     @property
     def media_path(self) -> Path:
         """The media folder, always set after validation."""
@@ -97,7 +133,8 @@ def render_env_example() -> str:
         "# with its data under ./animabot-data. Copy this file to .env and uncomment what you change.",
         "",
     ]
-    for name, field in Settings.model_fields.items():
+    ordered = sorted(Settings.model_fields.items(), key=lambda item: item[0].startswith("qc_"))
+    for name, field in ordered:
         default = "" if field.default is None else field.default
         if isinstance(default, Path):
             default = default.as_posix()

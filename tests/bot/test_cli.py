@@ -56,7 +56,7 @@ def test_animate_json_prints_exactly_one_object(tmp_path):
     data = json.loads(result.stdout)
     assert data["status"] == "succeeded" and data["error"] is None
     assert Path(data["output"]) == Path("clip.mp4") and (tmp_path / "clip.mp4").is_file()
-    assert data["backend"] == "local" and data["subject"] == "unknown"
+    assert data["backend"] == "local" and data["subject"] == "portrait"
     assert data["attempts"] == [{"number": 1, "backend": "local", "seed": 5, "motion": 2,
                                  "verdict": "accepted", "reasons": [], "error": None}]
     assert data["cost"] == {"credits": 0, "usd": 0.0}
@@ -91,12 +91,12 @@ def test_bad_input_with_json_reports_rejected(tmp_path):
 
 def test_an_unsupported_combination_is_named(tmp_path):
     """A duration the backend cannot do is refused with what would work."""
-    result = animabot("animate", str(SAMPLE), "--prompt", "p", "--backend", "fake", "--duration", "45",
+    result = animabot("animate", str(SAMPLE), "--prompt", "p", "--backend", "fake", "--duration", "0.5",
                       "--json", cwd=tmp_path, ANIMABOT_OUTPUT_LONG_SIDE="320")
     assert result.returncode == 2
     data = json.loads(result.stdout)
     assert data["status"] == "rejected"
-    assert "duration 45s is outside 1..30s" in data["error"]["message"]
+    assert "duration 0.5s is outside 1..30s" in data["error"]["message"]
 
 
 def test_inspect_json_reports_validation_without_generating(tmp_path):
@@ -128,3 +128,43 @@ def test_backends_lists_each_backend_with_usability_and_capabilities(tmp_path):
     assert rows["local"]["capabilities"]["needs_network"] is False
     human = animabot("backends", cwd=tmp_path)
     assert "local" in human.stdout and "usable" in human.stdout
+
+
+def _frozen_clip(path: Path) -> None:
+    frame = np.asarray(Image.open(SAMPLE).convert("RGB").resize((320, 320)))
+    with video.VideoWriter(path, width=320, height=320, fps=24) as writer:
+        for _ in range(48):
+            writer.write(frame)
+
+
+def test_qc_accepts_a_good_clip_and_rejects_a_frozen_one_exiting_0_both_times(tmp_path):
+    """`animabot qc --json` prints the verdict, its reasons and metrics, and exits 0 whatever it says."""
+    made = animabot("animate", str(SAMPLE), "--prompt", "p", "--duration", "2", "-o", "good.mp4",
+                    cwd=tmp_path, ANIMABOT_OUTPUT_LONG_SIDE="320")
+    assert made.returncode == 0, made.stderr
+    _frozen_clip(tmp_path / "frozen.mp4")
+
+    good = animabot("qc", "good.mp4", "--source", str(SAMPLE), "--json", cwd=tmp_path)
+    bad = animabot("qc", "frozen.mp4", "--source", str(SAMPLE), "--json", cwd=tmp_path)
+
+    assert good.returncode == 0 and bad.returncode == 0
+    good_v, bad_v = json.loads(good.stdout), json.loads(bad.stdout)
+    assert good_v["accepted"] is True and good_v["reasons"] == []
+    assert bad_v["accepted"] is False and "frozen" in bad_v["reasons"]
+    assert set(good_v) == {"accepted", "reasons", "metrics"} and good_v["metrics"]
+
+
+def test_qc_on_an_unreadable_file_exits_2(tmp_path):
+    """Only a file that cannot be read makes qc exit 2."""
+    (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
+    result = animabot("qc", "broken.mp4", "--json", cwd=tmp_path)
+    assert result.returncode == 2 and "cannot read" in result.stderr
+
+
+def test_inspect_shows_subject_faces_and_route(tmp_path):
+    """inspect now says what the picture shows and where it would be sent."""
+    result = animabot("inspect", str(SAMPLE), "--json", cwd=tmp_path)
+    data = json.loads(result.stdout)
+    assert data["subject"]["kind"] == "portrait" and data["subject"]["faces"]
+    assert [s["backend"] for s in data["route"]["steps"]] == ["local"]
+    assert {s["backend"] for s in data["route"]["skipped"]} >= {"replicate", "fal"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +13,12 @@ from sqlmodel import Session, select
 from backends import video
 from backends.base import CameraMove
 from backends.fake import FakeBackend
-from worker import ledger
+from worker import ledger, quality
 from worker.artifacts import STAGES
 from worker.db import init_db
 from worker.errors import InsufficientCredits
 from worker.jobs import JobParams, create_job
-from worker.models import Attempt, Clip, Job, JobStage
+from worker.models import Attempt, Clip, GuildSettings, Job, JobStage
 from worker.pipeline import Pipeline
 from worker.settings import Settings
 
@@ -66,7 +67,7 @@ async def test_local_backend_turns_a_photo_into_a_stored_clip(engine, settings, 
 
     assert outcome.status == "succeeded", outcome.error
     assert outcome.output == out and out.is_file()
-    assert outcome.backend == "local" and outcome.subject == "unknown"
+    assert outcome.backend == "local" and outcome.subject == "portrait"
     stages = _stages(engine, outcome.job_id)
     assert [s.stage for s in stages] == list(STAGES)
     assert all(s.seconds >= 0 for s in stages)
@@ -92,7 +93,7 @@ async def test_artifacts_are_named_after_stage_and_parameters(engine, settings):
     names = sorted(p.name for p in folder.iterdir())
     assert names == [
         "01-validate-source.png",
-        "02-enhance-320x320-crop.png",
+        "03-enhance-320x320-crop.png",
         "06-generate-local-pan-left-m3-s7-a1.mp4",
         "09-encode-h264-10MiB.mp4",
     ]
@@ -138,15 +139,15 @@ async def test_a_moderation_refusal_is_not_retried(engine, settings):
 
 
 async def test_a_request_the_backend_cannot_honour_is_refused_before_submitting(engine, settings):
-    """The fake allows up to 30 s: asking 45 s names the problem and submits nothing."""
-    fake = FakeBackend(settings)
-    outcome = await _run(engine, settings, JobParams(prompt="p", duration=45, backend="fake"),
-                         backends={"fake": fake})
+    """A zoom-only backend asked to orbit: the camera is named and nothing is submitted."""
+    steady = SteadyFake(settings)
+    outcome = await _run(engine, settings, JobParams(prompt="p", duration=1, camera=CameraMove.ORBIT_LEFT,
+                                                     backend="steady"), backends={"steady": steady})
 
     assert outcome.status == "rejected"
     assert outcome.error["code"] == "invalid_parameters"
-    assert "duration 45s is outside 1..30s" in outcome.error["message"]
-    assert fake.submitted == []
+    assert "camera 'orbit-left' is not supported (supported: zoom-in, zoom-out)" in outcome.error["message"]
+    assert steady.submitted == []
 
 
 async def test_an_unknown_backend_is_refused_with_the_installed_ones(engine, settings):
@@ -246,3 +247,122 @@ def test_submitting_the_same_key_twice_returns_the_same_job_and_charges_once(eng
 
     assert first.id == second.id
     assert (_balance(engine, member).available, _balance(engine, member).held) == (7, 3)
+
+
+
+def _guild_routes(engine, guild_id: str, overrides: dict) -> None:
+    with Session(engine) as s:
+        s.add(GuildSettings(guild_id=guild_id, routing_overrides=overrides))
+        s.commit()
+
+
+async def test_a_portrait_is_seen_framed_on_the_face_and_prompted_for_faces(engine, settings):
+    """The astronaut is a portrait: faces found, the crop keeps the face, the prompt asks for blinks."""
+    outcome = await _run(engine, settings, JobParams(prompt="she smiles", duration=1, aspect="16:9"))
+
+    assert outcome.status == "succeeded", outcome.error
+    assert outcome.subject == "portrait"
+    stages = {s.stage: s.detail for s in _stages(engine, outcome.job_id)}
+    assert stages["classify"]["kind"] == "portrait" and stages["classify"]["faces"]
+    fx, fy = stages["enhance"]["focus"]["x"], stages["enhance"]["focus"]["y"]
+    assert 0 <= fx < 320 and 0 <= fy < 180, "the face is inside the 16:9 frame"
+    assert "natural blink" in stages["prompt"]["prompt"]
+    skipped = {s["backend"]: s["why"] for s in stages["route"]["skipped"]}
+    assert "replicate" in skipped and "fal" in skipped
+
+
+async def test_a_backend_that_refuses_the_request_falls_back_along_the_route(engine, settings):
+    """A permanent error on the first backend moves the job to the next one on its route."""
+    _guild_routes(engine, "g1", {"portrait": [{"backend": "fake", "reason": "ours"}]})
+    job = create_job(engine, JobParams(prompt="p", duration=1), source_path=SAMPLE, guild_id="g1")
+    pipeline = Pipeline(engine, settings, backends={"fake": FakeBackend(settings, outcomes=["invalid"])})
+    outcome = await pipeline.run(job.id)
+
+    assert outcome.status == "succeeded", outcome.error
+    assert [(a["backend"], a["verdict"]) for a in outcome.attempts] == [("fake", "error"), ("local", "accepted")]
+    assert outcome.backend == "local"
+
+
+@pytest.mark.parametrize(("defect", "reason"), [("flicker", "flicker"), ("black", "black_frames"),
+                                                  ("frozen", "frozen"), ("drift", "drift")])
+async def test_a_defective_clip_is_rejected_and_silently_retried(engine, settings, defect, reason):
+    """Each defect the gate catches costs one attempt; the user gets the good second clip."""
+    fake = FakeBackend(settings, outcomes=[defect, "ok"])
+    outcome = await _run(engine, settings, JobParams(prompt="p", duration=2, backend="fake", motion=3),
+                         backends={"fake": fake})
+
+    assert outcome.status == "succeeded", outcome.error
+    first, second = _attempts(engine, outcome.job_id)
+    assert first.verdict == "rejected" and reason in first.reasons
+    assert second.verdict == "accepted"
+    assert second.motion == (2 if reason == "drift" else 3), "drift lowers the motion strength"
+
+
+async def test_a_job_that_keeps_failing_the_gate_tells_the_user_why(engine, settings):
+    """After the budget the job fails with the gate's reason in plain words, and no charge."""
+    fake = FakeBackend(settings, outcomes=["flicker"] * 5)
+    outcome = await _run(engine, settings, JobParams(prompt="p", duration=2, backend="fake"),
+                         backends={"fake": fake})
+
+    assert outcome.status == "failed"
+    assert "no usable clip after 3 attempts" in outcome.error["message"]
+    assert quality.REASON_TEXT["flicker"] in outcome.error["message"]
+
+
+async def test_best_of_n_keeps_the_candidate_the_gate_scores_best(tmp_path):
+    """With best_of=2 two accepted clips are made and the better-scored one is delivered."""
+    settings = Settings(data_dir=tmp_path, output_long_side=320, retry_backoff=0.0, best_of=2)
+    engine = init_db(settings)
+    outcome = await _run(engine, settings, JobParams(prompt="p", duration=1, backend="fake"),
+                         backends={"fake": FakeBackend(settings)})
+
+    assert outcome.status == "succeeded"
+    verdicts = sorted(a["verdict"] for a in outcome.attempts)
+    assert verdicts == ["accepted", "runner-up"]
+
+
+class SteadyFake(FakeBackend):
+    """A backend that only zooms."""
+
+    name = "steady"
+    description = "zoom only"
+    capabilities = dataclasses.replace(
+        FakeBackend.capabilities, cameras=frozenset({CameraMove.ZOOM_IN, CameraMove.ZOOM_OUT})
+    )
+
+
+class ShortFake(FakeBackend):
+    """A backend limited to 5 s, like many hosted models."""
+
+    name = "short-fake"
+    description = "at most 5 s per generation"
+    capabilities = dataclasses.replace(FakeBackend.capabilities, durations=(1.0, 5.0))
+
+
+async def test_a_clip_longer_than_the_backend_allows_is_built_from_segments(engine, settings):
+    """12 s on a 5 s backend: three segments, each continuing the last frame, cross-faded into one clip."""
+    short = ShortFake(settings)
+    outcome = await _run(engine, settings, JobParams(prompt="p", duration=12, backend="short-fake"),
+                         backends={"short-fake": short})
+
+    assert outcome.status == "succeeded", outcome.error
+    assert len(short.submitted) == 3
+    assert all(r.duration <= 5.0 for r in short.submitted)
+    assert short.submitted[0].image_path.name.startswith("03-enhance")
+    assert [r.image_path.name for r in short.submitted[1:]] == [
+        "06-generate-lastframe-seg1.png", "06-generate-lastframe-seg2.png"]
+    info = video.probe(outcome.output)
+    assert abs(info.duration - 12.0) <= 0.1 and round(info.fps) == 24
+    post = next(s for s in _stages(engine, outcome.job_id) if s.stage == "post-process")
+    assert post.detail["stitch"]["segments"] == 3 and post.detail["verdict"]["accepted"]
+
+
+async def test_a_rejected_segment_is_retried_on_its_own(engine, settings):
+    """A flickering second segment is regenerated; the first one is kept."""
+    short = ShortFake(settings, outcomes=["ok", "flicker", "ok"])
+    outcome = await _run(engine, settings, JobParams(prompt="p", duration=8, backend="short-fake"),
+                         backends={"short-fake": short})
+
+    assert outcome.status == "succeeded", outcome.error
+    assert [a["verdict"] for a in outcome.attempts] == ["accepted", "rejected", "accepted"]
+    assert short.submitted[1].image_path == short.submitted[2].image_path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,16 @@ from backends.fake import FakeBackend
 from worker.errors import InvalidParameters
 from worker.routing import ROUTES_FILE, load_routes, plan_route
 from worker.settings import Settings
+
+
+class SteadyFake(FakeBackend):
+    """A backend that only zooms: no orbits, no pans."""
+
+    name = "steady"
+    description = "zoom only"
+    capabilities = dataclasses.replace(
+        FakeBackend.capabilities, cameras=frozenset({CameraMove.ZOOM_IN, CameraMove.ZOOM_OUT})
+    )
 
 
 @pytest.fixture
@@ -46,9 +57,11 @@ def test_the_users_backend_always_wins(settings, tmp_path):
 
 
 def test_a_users_backend_that_cannot_do_the_job_is_refused_by_name(settings, tmp_path):
-    """No silent fallback when the user named the backend."""
-    with pytest.raises(InvalidParameters, match=r"backend 'fake' cannot do this: duration 45s is outside 1..30s"):
-        plan_route("other", probe(tmp_path, duration=45), settings, backend="fake")
+    """No silent fallback when the user named the backend: the message names the camera and what works."""
+    with pytest.raises(InvalidParameters, match=r"backend 'steady' cannot do this: camera 'orbit-left' is not "
+                                                r"supported \(supported: zoom-in, zoom-out\)"):
+        plan_route("other", probe(tmp_path, camera=CameraMove.ORBIT_LEFT), settings, backend="steady",
+                   instances={"steady": SteadyFake(settings)})
 
 
 def test_a_guild_override_replaces_the_table_for_that_subject(settings, tmp_path):
@@ -60,11 +73,18 @@ def test_a_guild_override_replaces_the_table_for_that_subject(settings, tmp_path
 
 
 def test_backends_that_cannot_honour_the_request_are_skipped(settings, tmp_path):
-    """A 45 s request skips the fake (max 30 s) and lands on local (max 60 s)."""
-    overrides = {"other": [{"backend": "fake"}]}
-    route = plan_route("other", probe(tmp_path, duration=45), settings, guild_overrides=overrides)
+    """An orbit skips the zoom-only backend and lands on local."""
+    overrides = {"other": [{"backend": "steady"}]}
+    route = plan_route("other", probe(tmp_path, camera=CameraMove.ORBIT_LEFT), settings,
+                       guild_overrides=overrides, instances={"steady": SteadyFake(settings)})
     assert [s.backend for s in route.steps] == ["local"]
-    assert "duration 45s is outside 1..30s" in route.skipped[0][1]
+    assert "camera 'orbit-left' is not supported" in route.skipped[0][1]
+
+
+def test_a_duration_over_the_backends_limit_is_routed_for_extension(settings, tmp_path):
+    """45 s on the fake (max 30 s) is kept: the pipeline builds it from segments."""
+    route = plan_route("other", probe(tmp_path, duration=45), settings, backend="fake")
+    assert [s.backend for s in route.steps] == ["fake"]
 
 
 def test_unhealthy_backends_are_skipped(settings, tmp_path):
@@ -78,8 +98,9 @@ def test_unhealthy_backends_are_skipped(settings, tmp_path):
 
 def test_nothing_usable_names_every_candidates_problem(settings, tmp_path):
     """When no backend can do it, the message lists why for each."""
-    with pytest.raises(InvalidParameters, match=r"no backend can do this \(.*local: duration 90s"):
-        plan_route("other", probe(tmp_path, duration=90), settings,
+    with pytest.raises(InvalidParameters, match=r"no backend can do this \(fake: duration 0.5s is outside "
+                                                r"1..30s; local: duration 0.5s is outside 1..60s\)"):
+        plan_route("other", probe(tmp_path, duration=0.5), settings,
                    guild_overrides={"other": [{"backend": "fake"}]})
 
 
