@@ -490,8 +490,9 @@ class Pipeline:
         return hi
 
     async def _continue_from_last_frame(self, run: _Run, result: GenerationResult) -> None:
-        """The next segment starts from this segment's exact last frame."""
-        pixels = await asyncio.to_thread(postprocess.last_frame, result.video_path)
+        """The next segment starts where this one's cross-fade will begin, so the fade joins like with like."""
+        before = max(0, round(self.settings.stitch_overlap * result.fps) - 1)
+        pixels = await asyncio.to_thread(postprocess.last_frame, result.video_path, before=before)
         path = run.artifact("generate", "lastframe", f"seg{len(run.segments)}", ext="png")
         await asyncio.to_thread(Image.fromarray(pixels).save, path, compress_level=1)
         run.segment_image, run.segment_pixels = path, pixels
@@ -611,7 +612,14 @@ class Pipeline:
                 postprocess.stitch, [seg.video_path for seg in run.segments], stitched,
                 overlap=self.settings.stitch_overlap, fps=target, width=run.width, height=run.height,
             )
-            detail["stitch"] = {"segments": len(run.segments), "seams": report.seams, "frames": report.frames}
+            seams = await asyncio.to_thread(postprocess.seam_checks, stitched, report.seams, fps=target)
+            detail["stitch"] = {"segments": len(run.segments), "frames": report.frames,
+                                "seams": [_jsonable(seam) for seam in seams]}
+            if any(seam.visible for seam in seams):
+                raise GenerationFailed(
+                    "visible_seam", "the segments of this long clip did not join smoothly; nothing was charged — "
+                    "try again, or ask for a shorter clip",
+                )
             current, fps = stitched, float(target)
         else:
             assert run.generated is not None
@@ -619,7 +627,8 @@ class Pipeline:
         if round(fps) != target:
             out = run.artifact("post-process", f"{target}fps", self.settings.interpolation, ext="mp4")
             report = await asyncio.to_thread(
-                postprocess.interpolate, current, out, fps=target, mode=self.settings.interpolation
+                postprocess.interpolate, current, out, fps=target, mode=self.settings.interpolation,
+                duration=run.job.duration,
             )
             detail["interpolate"] = {"from_fps": fps, "fps": target, "mode": report.mode, "frames": report.frames}
             current, changed = out, True

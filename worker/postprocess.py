@@ -7,25 +7,27 @@
     joined = stitch([first, second], dst, overlap=0.5)      # one clip, cross-faded, 24 fps yuv420p
     checks = seam_checks(dst, joined.seams)                 # does any seam show?
 
-Interpolation modes (``mode=``; 5 s of 1280×720 from 8 fps to 24 fps on 2 cores, bench/README.md):
+Interpolation modes (``mode=``; 5 s of 1280×720 from 8 fps to 24 fps, x264 included, on 2 cores;
+bench/README.md):
 
 ==========  =================================================================================================
 ``motion``  ours, the default: DIS optical flow both ways between neighbouring source frames at ≤320 px
             wide, forward-splatted to the in-between time (so a moving object carries its own motion, not
             the background's), both neighbours warped at full resolution with ``cv2.remap`` and blended by
-            how visible each is (forward/backward consistency, frame edges). About 3 s, 33+ dB on held-out
-            frames of a hard scene.
-``blend``   a cross-dissolve of the two neighbours: fast (about 1.3 s), ghosts on any motion.
-``mci``     ffmpeg's ``minterpolate`` motion-compensated mode at full resolution: slow (about 15 s, one core)
-            and no better than ``motion``; kept as a reference.
+            how visible each is (forward/backward consistency, frame edges). 3.1-3.5 s; 33 dB on the
+            held-out frames of a hard scene (crossing objects over a fast pan), 38-41 dB on camera moves.
+``blend``   a cross-dissolve of the two neighbours: 1.4-1.8 s, ghosts on any motion (18-37 dB).
+``mci``     ffmpeg's ``minterpolate`` motion-compensated mode at full resolution, padded so no frame is
+            lost: about 16 s (one core) and 2-5 dB below ``motion``; kept as a reference.
 ==========  =================================================================================================
 
 Timing is exact and the same for every mode: output frame ``k`` shows the source at position
-``k·src_fps/fps`` (in source frames), so source frames land unchanged on every ``fps/src_fps``-th output
-frame, and a clip of ``n`` source frames gives ``round(n·fps/src_fps)`` frames (or ``round(duration·fps)``
-when the caller says how long it must be). Positions past the last source frame repeat it: the tail is
-padded, never dropped (``minterpolate`` alone returns 115 of 120 frames). A source at or above ``fps`` is
-resampled to the nearest frame, like ffmpeg's ``fps`` filter.
+``k·src_fps/fps`` (in source frames), so source frames land on every ``fps/src_fps``-th output frame
+(bit-exact until x264: frames stay yuv420p from decoder to encoder, see :func:`read_i420`), and a clip
+of ``n`` source frames gives ``round(n·fps/src_fps)`` frames (or ``round(duration·fps)`` when the caller
+says how long it must be). Positions past the last source frame repeat it: the tail is padded, never
+dropped (``minterpolate`` alone returns 115 of 120 frames). A source at or above ``fps`` is resampled
+to the nearest frame, like ffmpeg's ``fps`` filter.
 
 A seam is where one segment cross-fades into the next. :func:`seam_checks` compares the largest
 frame-to-frame change around each seam with the clip's typical change; a cut or a jump scores high.
@@ -76,7 +78,7 @@ Interpolation = Literal["motion", "blend", "mci"]
 INTERPOLATION_MODES: tuple[str, ...] = get_args(Interpolation)
 
 #: A seam whose largest frame-to-frame change is more than this many times the clip's typical change
-#: shows (a cut between unrelated pictures scores 10-40; a continued clip cross-faded scores 1-2).
+#: shows (measured: hard cuts 8-18, a dissolve between unrelated clips 4.1, continued clips 1.1-1.3).
 SEAM_THRESHOLD = 3.0
 
 _EPS = 1e-6  # positions this close to a whole source frame are that frame
@@ -539,8 +541,9 @@ def stitch(
     One ffmpeg pass: every segment is normalised by filters (to ``fps`` by nearest frame, so interpolate
     a slow segment first for smooth motion; to ``width``×``height``, by default the first segment's,
     scaling to cover and cropping the centre; to BT.709 yuv420p), then ``xfade`` fades each into the
-    next over ``round(overlap·fps)`` frames (linear, weights ``(j+½)/m``), then one x264 encode. That
-    measured faster than our own numpy fade piped to x264 (bench/README.md). ``overlap=0`` concatenates.
+    next over ``round(overlap·fps)`` frames (linear, weights ``(j+½)/m``), then one x264 encode. Our
+    own numpy fade of I420 frames piped to x264 measured the same within 7 % (bench/README.md); the
+    filter graph also normalises for free. ``overlap=0`` concatenates.
     """
     paths = [Path(p) for p in segments]
     if not paths:

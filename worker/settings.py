@@ -68,8 +68,9 @@ class Settings(_QualitySettings):  # type: ignore[misc,valid-type]
     stitch_overlap: float = Field(
         0.5, ge=0.25, le=1.0, description="Cross-fade, in seconds, where an extended clip's segments join."
     )
-    interpolation: Literal["motion", "blend"] = Field(
-        "motion", description="How clips under 24 fps are brought to 24: motion-compensated or a fast blend."
+    interpolation: Literal["motion", "blend", "mci"] = Field(
+        "motion",
+        description="How clips under 24 fps reach 24: motion (optical flow), blend (fast) or mci (ffmpeg, slow).",
     )
     generation_timeout: float = Field(900.0, gt=0, description="Seconds one attempt may take.")
     retry_backoff: float = Field(1.0, ge=0, description="First wait before retrying a failed attempt, s.")

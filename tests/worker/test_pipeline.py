@@ -366,3 +366,26 @@ async def test_a_rejected_segment_is_retried_on_its_own(engine, settings):
     assert outcome.status == "succeeded", outcome.error
     assert [a["verdict"] for a in outcome.attempts] == ["accepted", "rejected", "accepted"]
     assert short.submitted[1].image_path == short.submitted[2].image_path
+
+
+class EightFpsFake(FakeBackend):
+    """A model that renders 8 frames a second, like CogVideoX."""
+
+    name = "eight-fps"
+    description = "8 fps output"
+    capabilities = dataclasses.replace(FakeBackend.capabilities, fps=8)
+
+
+@pytest.mark.parametrize("mode", ["motion", "blend"])
+async def test_a_low_frame_rate_clip_is_interpolated_to_24_fps_and_judged_again(tmp_path, mode):
+    """8 fps output becomes exactly 24 fps × duration frames; the gate accepts the interpolated clip."""
+    settings = Settings(data_dir=tmp_path, output_long_side=320, retry_backoff=0.0, interpolation=mode)
+    engine = init_db(settings)
+    outcome = await _run(engine, settings, JobParams(prompt="p", duration=2, backend="eight-fps"),
+                         backends={"eight-fps": EightFpsFake(settings)})
+
+    assert outcome.status == "succeeded", outcome.error
+    info = video.probe(outcome.output)
+    assert info.frames == 48 and round(info.fps) == 24
+    post = next(s for s in _stages(engine, outcome.job_id) if s.stage == "post-process")
+    assert post.detail["interpolate"]["mode"] == mode and post.detail["verdict"]["accepted"]
