@@ -41,10 +41,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from skimage import data
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from photos import mosaic  # noqa: E402
 
 from backends import video  # noqa: E402
 from backends.animator import camera_path  # noqa: E402
@@ -54,27 +55,6 @@ from worker import encode  # noqa: E402
 OUT = ROOT / "bench" / "out" / "delivery"
 MiB = 1024 * 1024
 W, H, FPS, SECONDS, LIMIT = 1920, 1080, 24, 10.0, 10 * MiB
-
-
-def mosaic() -> np.ndarray:
-    """Skimage photographs at (about) native resolution in a 5×4 grid of 520×350 cells: 2600×1400."""
-    tiles = [
-        data.hubble_deep_field()[:720, :900], data.coffee(), data.rocket(), data.chelsea(), data.astronaut(),
-        data.retina()[300:1000, 300:1000], np.dstack([data.gravel()] * 3), data.immunohistochemistry(),
-        np.dstack([data.brick()] * 3),
-    ]  # fmt: skip
-    rows = []
-    for r in range(4):
-        row = []
-        for c in range(5):
-            t = tiles[(r * 5 + c) % len(tiles)]
-            k = max(520 / t.shape[1], 350 / t.shape[0], 1.0)
-            if k > 1:
-                t = cv2.resize(t, (round(t.shape[1] * k) + 1, round(t.shape[0] * k) + 1), interpolation=cv2.INTER_CUBIC)
-            y, x = (t.shape[0] - 350) // 2, (t.shape[1] - 520) // 2
-            row.append(t[y : y + 350, x : x + 520])
-        rows.append(np.hstack(row))
-    return np.vstack(rows)
 
 
 def make_source(path: Path, *, grain: float = 6.0) -> Path:
