@@ -68,6 +68,7 @@ from backends.video import CHROMA_SITING, VideoWriter, rgb_to_ycbcr
 __all__ = ["RenderInfo", "camera_path", "frame_count", "render", "work_scale", "yuv_frames"]
 
 # Strength tables, indexed by motion 0..4.
+LONG_CLIP = 10.0  # seconds; longer clips cruise at a steady speed instead of easing over their length
 _ZOOM = (1.08, 1.15, 1.25, 1.38, 1.55)  # zoom-in/out: final zoom factor
 _DOLLY = (1.12, 1.22, 1.38, 1.55, 1.80)  # dolly-in: final magnification
 _PAN = (0.04, 0.08, 0.12, 0.18, 0.25)  # pans: travel as a fraction of the frame
@@ -178,8 +179,8 @@ class _Framer:
         return [self.window(c0 + (c1 - c0) * si, zi) for si, zi in zip(s, z, strict=True)]
 
 
-def _pan(fr: _Framer, camera: CameraMove, motion: int, e: np.ndarray) -> list[np.ndarray]:
-    travel = _PAN[motion]
+def _pan(fr: _Framer, camera: CameraMove, motion: int, e: np.ndarray, *, gain: float = 1.0) -> list[np.ndarray]:
+    travel = min(_PAN[motion] * gain, 0.4)
     z = 1 / (1 - travel)  # just enough room to travel `travel` frames over a picture of the output's shape
     axis = 0 if camera in (CameraMove.PAN_LEFT, CameraMove.PAN_RIGHT) else 1
     size = (fr.bw, fr.bh)[axis] / z  # window extent along the pan
@@ -248,21 +249,33 @@ def _orbit(fr: _Framer, camera: CameraMove, motion: int, e: np.ndarray) -> list[
 
 
 def _edge_path(
-    src_w: int, src_h: int, camera: CameraMove, motion: int, n: int, out_w: int, out_h: int, focus: Box | None
+    src_w: int, src_h: int, camera: CameraMove, motion: int, n: int, out_w: int, out_h: int, focus: Box | None,
+    duration: float = 5.0,
 ) -> list[np.ndarray]:
     fr = _Framer(src_w, src_h, out_w, out_h, focus)
     t = np.linspace(0.0, 1.0, n)
+    # Clips up to LONG_CLIP seconds ease over their whole length. Longer ones would crawl (a 20 s
+    # smootherstep barely moves in its first second, which reads as frozen): they ease in and out over
+    # half a second, cruise at a steady speed, and travel √(duration/5) times as far, within the picture.
+    long = duration > LONG_CLIP
+    gain = math.sqrt(duration / 5.0) if long else 1.0
+
+    def ease(whole_clip: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        return _dolly_travel(t, ramp=0.5 / duration) if long else whole_clip(t)
+
     if camera in (CameraMove.ZOOM_IN, CameraMove.ZOOM_OUT):
-        z1 = fr.fit_zoom(_ZOOM[motion])
-        e = _smootherstep(t) if camera is CameraMove.ZOOM_IN else 1 - _smootherstep(t)
+        z1 = fr.fit_zoom(_ZOOM[motion] ** gain)
+        e = ease(_smootherstep) if camera is CameraMove.ZOOM_IN else 1 - ease(_smootherstep)
         return fr.zoom(fr.subject, 1.0, fr.subject, z1, z1**e)
     if camera is CameraMove.DOLLY_IN:
-        z1 = fr.fit_zoom(_DOLLY[motion])
-        distance = 1 - (1 - 1 / z1) * _dolly_travel(t)  # magnification is 1 / distance
+        z1 = fr.fit_zoom(_DOLLY[motion] ** gain)
+        travel = _dolly_travel(t, ramp=0.5 / duration) if long else _dolly_travel(t)
+        distance = 1 - (1 - 1 / z1) * travel  # magnification is 1 / distance
         return fr.zoom(fr.subject, 1.0, fr.subject, z1, 1 / distance)
     if camera is CameraMove.STATIC:
         z1 = 1 + _BREATH[motion]
-        breath = (1 - np.cos(2 * np.pi * t)) / 2
+        breaths = max(1, round(duration / 5.0))  # one slow breath every ~5 s, however long the clip
+        breath = (1 - np.cos(2 * np.pi * breaths * t)) / 2
         if focus is None:  # drift gently up and to the right while breathing in
             slack = np.array([fr.bw, -fr.bh]) * (1 - 1 / z1) / 2
             target = fr.centre + slack * np.array([0.6, 0.4])
@@ -270,9 +283,9 @@ def _edge_path(
             target = fr.subject
         return fr.zoom(fr.subject, 1.0, target, z1, z1**breath)
     if camera in (CameraMove.PAN_LEFT, CameraMove.PAN_RIGHT, CameraMove.PAN_UP, CameraMove.PAN_DOWN):
-        return _pan(fr, camera, motion, _smoothstep(t))
+        return _pan(fr, camera, motion, ease(_smoothstep), gain=gain)
     if camera in (CameraMove.ORBIT_LEFT, CameraMove.ORBIT_RIGHT):
-        return _orbit(fr, camera, motion, _smoothstep(t))
+        return _orbit(fr, camera, motion, ease(_smoothstep) * min(gain, 2.0))
     raise ValueError(f"unknown camera move {camera!r}")
 
 
@@ -304,7 +317,7 @@ def camera_path(
         raise ValueError(f"motion must be 0..{len(_ZOOM) - 1}, got {motion!r}")
     src_w, src_h = source_size
     n = frame_count(duration, fps)
-    edge = _edge_path(src_w, src_h, camera, motion, n, width, height, focus)
+    edge = _edge_path(src_w, src_h, camera, motion, n, width, height, focus, duration)
     out = [_TO_INDEX @ m @ _TO_EDGE for m in edge]
     return [m / m[2, 2] for m in out]
 

@@ -4,7 +4,8 @@ It holds no thread and no connection while "working": the handle carries when th
 it ends, so any number of generations can be in flight, across process restarts, like a remote model.
 Outcomes, consumed one per submit (then ``ok`` forever)::
 
-    ok        a real H.264 clip of the source panning, at the requested size, fps and duration
+    ok        a real H.264 clip zooming into the source (its first frame is the source, as with real
+              models), at the requested size, fps and duration
     frozen    a real clip whose frames never change
     flicker   the pan, with brightness jumping up and down every frame
     drift     the pan, with colours melting steadily away from the source
@@ -141,7 +142,7 @@ class FakeBackend(Backend):
             pixels = np.asarray(im.convert("RGB"))
         if outcome not in DEFECTS:
             animator.render(
-                pixels, out, camera=CameraMove.PAN_RIGHT, motion=2, duration=req["duration"],
+                pixels, out, camera=CameraMove.ZOOM_IN, motion=2, duration=req["duration"],
                 fps=req["fps"], width=req["width"], height=req["height"],
             )
             return

@@ -389,3 +389,14 @@ async def test_a_low_frame_rate_clip_is_interpolated_to_24_fps_and_judged_again(
     assert info.frames == 48 and round(info.fps) == 24
     post = next(s for s in _stages(engine, outcome.job_id) if s.stage == "post-process")
     assert post.detail["interpolate"]["mode"] == mode and post.detail["verdict"]["accepted"]
+
+
+@pytest.mark.parametrize("camera", [CameraMove.STATIC, CameraMove.ZOOM_IN, CameraMove.PAN_LEFT])
+async def test_long_local_clips_keep_moving_and_pass_the_gate(tmp_path, camera):
+    """A 20 s clip cruises at a steady speed instead of crawling (which the gate would call frozen)."""
+    settings = Settings(data_dir=tmp_path, output_long_side=256, retry_backoff=0.0)
+    engine = init_db(settings)
+    outcome = await _run(engine, settings, JobParams(prompt="p", duration=20, camera=camera, aspect="16:9"))
+
+    assert outcome.status == "succeeded", outcome.error
+    assert [a["verdict"] for a in outcome.attempts] == ["accepted"]
