@@ -31,11 +31,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,7 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from photos import mosaic  # noqa: E402
+from common import mosaic, timed  # noqa: E402
 
 from backends import video  # noqa: E402
 from backends.animator import camera_path  # noqa: E402
@@ -72,17 +70,6 @@ def make_source(path: Path, *, grain: float = 6.0) -> Path:
                 frame = cv2.add(frame, rng.normal(0, grain, frame.shape).astype(np.float32), dtype=cv2.CV_8U)
             out.write(frame)
     return path
-
-
-def cpu() -> float:
-    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
-
-
-def timed(fn: Callable[..., object], *args: object, **kwargs: object) -> tuple[float, float]:
-    c0, t0 = cpu(), time.perf_counter()
-    fn(*args, **kwargs)
-    return time.perf_counter() - t0, cpu() - c0
 
 
 def ffmpeg(*args: str) -> str:

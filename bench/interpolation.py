@@ -36,12 +36,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -51,7 +49,7 @@ from skimage import data
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from photos import mosaic  # noqa: E402
+from common import mosaic, timed  # noqa: E402
 
 from backends import video  # noqa: E402
 from backends.animator import render  # noqa: E402
@@ -132,17 +130,6 @@ def make_clips() -> dict[str, dict[str, Path]]:
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float32) - b.astype(np.float32)) ** 2))
     return 99.0 if mse == 0 else 10 * np.log10(255**2 / mse)
-
-
-def cpu() -> float:
-    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
-
-
-def timed(fn: Callable[..., object], *args: object, **kwargs: object) -> tuple[float, float]:
-    c0, t0 = cpu(), time.perf_counter()
-    fn(*args, **kwargs)
-    return time.perf_counter() - t0, cpu() - c0
 
 
 def ffmpeg_ref(src: Path, dst: Path, vf: str, frames: int) -> None:

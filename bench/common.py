@@ -1,6 +1,10 @@
-"""Test pictures for the benchmarks: real photographs that ship inside scikit-image (no network)."""
+"""What the benchmarks share: test pictures (real photographs shipped inside scikit-image) and timing."""
 
 from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -26,3 +30,16 @@ def mosaic() -> np.ndarray:
             row.append(t[y : y + 350, x : x + 520])
         rows.append(np.hstack(row))
     return np.vstack(rows)
+
+
+def cpu() -> float:
+    """CPU seconds (user + system) of this process and its finished children, e.g. ffmpeg."""
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def timed(fn: Callable[..., object], *args: object, **kwargs: object) -> tuple[float, float]:
+    """``(wall seconds, CPU seconds)`` of one call."""
+    c0, t0 = cpu(), time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - t0, cpu() - c0
