@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -114,6 +115,10 @@ class GenerationRequest:
 
     ``image_path`` is a validated RGB image already fitted to ``width × height``'s aspect.
     ``output_dir`` is where the backend writes its file; ``output_name`` is the file name to use there.
+    ``key`` names this generation uniquely and stably (job and attempt), for providers that accept an
+    idempotency key, so a retried submit never starts a second generation; ``attempt`` counts the job's
+    attempts from 1. ``webhook_url``, when set, is where the provider should report this generation's
+    progress (``POST``); the job system verifies those calls with :meth:`Backend.verify_webhook`.
     """
 
     image_path: Path
@@ -131,6 +136,9 @@ class GenerationRequest:
     seed: int = 0
     model: str | None = None
     focus: Box | None = None
+    key: str = ""
+    attempt: int = 1
+    webhook_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -240,6 +248,30 @@ class Usability:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class WebhookNotice:
+    """What a verified provider webhook says about one generation.
+
+    ``request_id`` is the provider's id of the generation (the :class:`Handle`'s ``id``). ``report`` is
+    its state when the webhook itself is to be trusted for it (a backend that cannot be polled learns
+    only this way); None means "it changed: poll it". ``data`` is merged into the handle's ``data``
+    (e.g. the output a non-pollable provider delivered in the webhook, for :meth:`Backend.result`).
+    """
+
+    request_id: str
+    report: StatusReport | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class WebhookRejected(Exception):
+    """A webhook call that must not be acted on; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
 class BackendDeclarationError(TypeError):
     """A backend class declares its name or capabilities wrongly."""
 
@@ -254,6 +286,26 @@ class BackendError(Exception):
         super().__init__(message)
         self.message = message
         self.backend = backend
+
+    def to_json(self) -> dict[str, Any]:
+        """The error as JSON, so a job can record it and act on it after a restart."""
+        raw: dict[str, Any] = {
+            "type": type(self).__name__, "code": self.code, "transient": self.transient,
+            "message": self.message, "backend": self.backend,
+        }
+        if isinstance(self, RateLimited):
+            raw["retry_after"] = self.retry_after
+        return raw
+
+    @staticmethod
+    def from_json(raw: dict[str, Any]) -> BackendError:
+        """The error :meth:`to_json` recorded; a plugin's own error type comes back as its nearest kind."""
+        kinds = {cls.__name__: cls for cls in _error_classes()}
+        cls = kinds.get(raw.get("type", "")) or (BackendUnavailable if raw.get("transient") else PermanentBackendError)
+        message, backend = str(raw.get("message", "")), str(raw.get("backend", ""))
+        if cls is RateLimited:
+            return RateLimited(message, backend=backend, retry_after=float(raw.get("retry_after", 1.0)))
+        return cls(message, backend=backend)
 
 
 class TransientBackendError(BackendError):
@@ -309,6 +361,15 @@ class ContentRefused(PermanentBackendError):
     code = "content_refused"
 
 
+def _error_classes() -> list[type[BackendError]]:
+    found, todo = [], [BackendError]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{1,31}$")
 
 
@@ -323,6 +384,9 @@ class Backend(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     capabilities: ClassVar[Capabilities]
+    #: Whether :meth:`status` asks the provider; one that cannot be polled (a Cog server) learns how a
+    #: generation went only from its webhooks, and the job system only enforces its deadline.
+    pollable: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -361,6 +425,15 @@ class Backend(ABC):
         """Why this backend cannot honour ``request`` (empty when it can)."""
         return self.capabilities.refusals(request)
 
+    @classmethod
+    def allowed_durations(cls, model: str | None) -> list[float]:
+        """The only clip lengths ``model`` makes (e.g. 5 and 10 s); ``[]`` when any length will do.
+
+        "Any length" means any within ``capabilities.durations``. The job system builds longer clips
+        from segments of these lengths.
+        """
+        return []
+
     @abstractmethod
     async def submit(self, request: GenerationRequest) -> Handle:
         """Start generating and return at once with a handle."""
@@ -376,6 +449,15 @@ class Backend(ABC):
     @abstractmethod
     async def cancel(self, handle: Handle) -> None:
         """Stop the work behind ``handle`` if it still runs; idempotent."""
+
+    async def verify_webhook(self, headers: Mapping[str, str], body: bytes) -> WebhookNotice:
+        """Check a webhook call from the provider (signature, age, replay) and say what it is about.
+
+        ``headers`` are the request's (case-insensitive mapping), ``body`` its raw bytes. Raise
+        :class:`WebhookRejected` (401 bad signature, 408/401 stale timestamp, 409 replay, 400 malformed)
+        for anything that must not be acted on. The default refuses: such a backend is polled.
+        """
+        raise WebhookRejected(404, f"{self.name} does not send webhooks")
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Release resources (connections, threads); the default does nothing."""

@@ -17,15 +17,20 @@ Outcomes, consumed one per submit (then ``ok`` forever)::
     hang      RUNNING forever
 
     backend = FakeBackend(settings, latency=0.5, outcomes=["fail", "ok"])
+
+Where the backend is created for us (a worker process builds its own from the registry), the script
+travels with the job instead: a ``model`` such as ``"fail,hang,ok"`` gives attempt *n* the *n*-th
+outcome (the last one repeats), and ``settings.fake_latency`` sets the latency.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +52,8 @@ from backends.base import (
     InvalidRequest,
     State,
     StatusReport,
+    WebhookNotice,
+    WebhookRejected,
 )
 
 OUTCOMES = frozenset(
@@ -71,7 +78,7 @@ class FakeBackend(Backend):
 
     def __init__(self, settings: Any, *, latency: float = 0.0, outcomes: Iterable[str] = ()) -> None:
         super().__init__(settings)
-        self.latency = latency
+        self.latency = latency or float(getattr(settings, "fake_latency", 0.0) or 0.0)
         self.outcomes = deque(outcomes)
         unknown = set(self.outcomes) - OUTCOMES
         if unknown:
@@ -82,7 +89,7 @@ class FakeBackend(Backend):
     async def submit(self, request: GenerationRequest) -> Handle:
         """Record the request and return a handle that says when and how it ends."""
         self.submitted.append(request)
-        outcome = self.outcomes.popleft() if self.outcomes else "ok"
+        outcome = self.outcomes.popleft() if self.outcomes else _scripted(request)
         return Handle(
             self.name,
             uuid.uuid4().hex,
@@ -155,6 +162,20 @@ class FakeBackend(Backend):
     async def cancel(self, handle: Handle) -> None:
         """Mark the handle canceled."""
         self.canceled.add(handle.id)
+
+    async def verify_webhook(self, headers: Mapping[str, str], body: bytes) -> WebhookNotice:
+        """A fake provider's webhook is ``{"id": <handle id>}``; it is only a hint to check the handle."""
+        try:
+            request_id = json.loads(body)["id"]
+        except (ValueError, KeyError, TypeError):
+            raise WebhookRejected(400, 'a fake webhook is JSON {"id": <generation id>}') from None
+        return WebhookNotice(request_id=str(request_id))
+
+
+def _scripted(request: GenerationRequest) -> str:
+    """The outcome a ``model`` script gives this attempt (``"ok"`` without a script)."""
+    script = [part.strip() for part in (request.model or "").split(",") if part.strip() in OUTCOMES]
+    return script[min(request.attempt, len(script)) - 1] if script else "ok"
 
 
 def _defective_frame(base: np.ndarray, defect: str, i: int, n: int) -> np.ndarray:

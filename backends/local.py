@@ -2,14 +2,17 @@
 
 No model, no network, no settings: it is the default where nothing else is configured and the fallback
 of last resort. The rendering itself lives in :mod:`backends.animator`; this module only fits it to the
-non-blocking backend protocol. Work runs on a worker thread of this process; the output file's path is
-derived from the request, so after a restart a finished clip is still found and an unfinished one is
-reported as lost (a transient error: the job submits again).
+non-blocking backend protocol. Work runs on a worker thread of the process that submitted it; the
+handle names that process and the output file, so any process can tell how it stands: a finished clip
+is found by its file, a render whose process is still alive on this machine is running, and one whose
+process died is reported as lost (a transient error: the job submits again).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -72,7 +75,8 @@ class LocalBackend(Backend):
         if not request.image_path.is_file():
             raise InvalidRequest(f"source image {request.image_path} does not exist", backend=self.name)
         out = request.output_dir / request.output_name
-        handle = Handle(self.name, uuid.uuid4().hex, {"output": str(out), "fps": request.fps})
+        handle = Handle(self.name, uuid.uuid4().hex, {"output": str(out), "fps": request.fps,
+                                                      "host": socket.gethostname(), "pid": os.getpid()})
         work = _Work()
 
         def on_progress(fraction: float) -> None:
@@ -107,6 +111,8 @@ class LocalBackend(Backend):
         if work is None:
             if Path(handle.data["output"]).is_file():
                 return StatusReport(State.SUCCEEDED, progress=1.0)
+            if _renders_elsewhere(handle):
+                return StatusReport(State.RUNNING)
             error = BackendUnavailable("the render was lost when the process restarted", backend=self.name)
             return StatusReport(State.FAILED, message=error.message, error=error)
         assert work.task is not None
@@ -135,3 +141,16 @@ class LocalBackend(Backend):
         if work is not None:
             work.cancel.set()
 
+
+def _renders_elsewhere(handle: Handle) -> bool:
+    """Whether another live process on this machine holds the render (a sibling worker process)."""
+    pid = handle.data.get("pid")
+    if handle.data.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -6,6 +6,15 @@
     animabot qc clip.mp4 [--source photo.jpg] [--json]   the quality gate's verdict on any clip
     animabot backends [--json]                      installed backends, usable or not, and why
 
+The job system (see the README's "Running it"):
+
+    animabot run                                    the long-running process (embedded, or front end)
+    animabot worker [-c N]                          a Celery worker (scale-out), like `celery -A worker worker`
+    animabot beat                                   Celery beat: polls, reaper, daily credits (scale-out)
+    animabot submit photo.jpg --prompt "…" [--member GUILD:USER] [--wait] [--json]
+    animabot jobs [--json]                          unfinished jobs with queue position and estimate
+    animabot cancel JOB_ID                          cancel a job, its provider request and its charge
+
 Exit codes: 0 success, 2 invalid input (one line on stderr, never a traceback), 1 generation failed
 after its retries. Unexpected errors print one line and leave the traceback in the data folder's log.
 """
@@ -77,6 +86,7 @@ def _configure_logging(settings: Settings) -> Path:
 
 
 def _run_pipeline(settings: Settings, image: Path, params: JobParams, out: Path, *, show: bool) -> Any:
+    from worker import events
     from worker.db import init_db
     from worker.jobs import create_job
     from worker.pipeline import Pipeline
@@ -91,7 +101,10 @@ def _run_pipeline(settings: Settings, image: Path, params: JobParams, out: Path,
         finally:
             await pipeline.aclose()
 
-    return asyncio.run(go())
+    outcome = asyncio.run(go())
+    # This command is the job's front end and has just delivered it: nothing is left for `animabot run`.
+    events.ack(engine, [e.id for e in events.pending(engine, job_id=job.id, limit=10_000)])
+    return outcome
 
 
 def _animate(image: Path, params: JobParams, out: Path, *, as_json: bool) -> None:
@@ -292,12 +305,22 @@ def backends(as_json: bool) -> None:
     for name, reason in load_failures().items():
         rows.append({"name": name, "description": "", "usable": False, "reason": f"broken: {reason}",
                      "capabilities": None})
+    records = _health(settings)
+    for row in rows:
+        row["health"] = [r for r in records if r["backend"] == row["name"]]
     if as_json:
         click.echo(json.dumps({"backends": rows}))
         return
     for row in rows:
         mark = "usable" if row["usable"] else f"not usable: {row['reason']}"
         click.echo(f"{row['name']:<10} {mark}\n           {row['description']}")
+        for record in row["health"]:
+            model = f" {record['model']}" if record["model"] else ""
+            state = (f"cooling down {record['cooldown_seconds']:.0f} s" if record["cooldown_seconds"]
+                     else f"{record['consecutive_failures']} recent failure(s)" if record["consecutive_failures"]
+                     else "healthy")
+            click.echo(f"           health{model}: {state}"
+                       + (f" (last error: {record['last_error']})" if record["last_error"] else ""))
         caps = row["capabilities"]
         if caps:
             lo, hi = caps["durations"]
@@ -306,6 +329,205 @@ def backends(as_json: bool) -> None:
                 f"           durations {lo:g}-{hi:g}s, aspects {' '.join(caps['aspects'])}, {caps['fps']} fps, "
                 f"${caps['cost_per_second_usd']:g}/s, network: {'yes' if caps['needs_network'] else 'no'}"
             )
+
+
+# -- the job system ---------------------------------------------------------------------------------
+
+
+def _db(settings: Settings) -> Any:
+    from worker.db import init_db
+
+    try:
+        return init_db(settings)
+    except Exception as exc:
+        _fail(f"cannot open the database {settings.database_url!r}: {exc}", code=1)
+
+
+@main.command()
+def run() -> None:
+    """Run animabot: the job system, the web endpoint and the front end (embedded), or the front end (scale-out)."""
+    from bot import serve
+
+    settings = get_settings()
+    _configure_logging(settings)
+    try:
+        mode = serve.mode(settings)
+    except serve.ConfigurationError as exc:
+        _fail(str(exc))
+    db = _db(settings)
+
+    def ready(port: int) -> None:
+        where = "this process" if mode == "embedded" else "Celery workers (`animabot worker`)"
+        click.echo(f"animabot running ({mode}: jobs run in {where}); web endpoint on "
+                   f"http://{settings.web_host}:{port}; Ctrl-C stops", err=True)
+        if not settings.discord_token:
+            click.echo("not connected to Discord: set ANIMABOT_DISCORD_TOKEN to your bot's token (README: "
+                       "'Connecting to Discord'); meanwhile job events are printed here and "
+                       "`animabot submit PICTURE --prompt ...` queues jobs", err=True)
+        else:
+            click.echo("connected to Discord: /animate is ready", err=True)
+
+    try:
+        asyncio.run(serve.run(db, settings, ready=ready))
+    except serve.ConfigurationError as exc:
+        _fail(str(exc))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("-c", "--concurrency", type=int, default=None, help="Jobs worked on at once (default: setting).")
+@click.pass_context
+def worker(ctx: click.Context, concurrency: int | None) -> None:
+    """Run a Celery worker (scale-out mode); extra options go to `celery worker`."""
+    settings = get_settings()
+    if not settings.redis_url:
+        _fail("ANIMABOT_REDIS_URL is not set; a separate worker needs Redis and PostgreSQL. "
+              "Without them `animabot run` already runs the jobs in one process")
+    from worker.celery import QUEUES, app
+
+    app.worker_main(["worker", "-l", "info", "-Q", ",".join(QUEUES),
+                     "-c", str(concurrency or settings.worker_concurrency), *ctx.args])
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def beat(ctx: click.Context) -> None:
+    """Run Celery beat (scale-out mode): the pollers' clock, the reaper and the daily grant; run exactly one."""
+    settings = get_settings()
+    if not settings.redis_url:
+        _fail("ANIMABOT_REDIS_URL is not set; beat is only for scale-out mode (`animabot run` does it embedded)")
+    from worker.celery import app
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app.start(["beat", "-l", "info", "-s", str(settings.data_dir / "celerybeat-schedule"), *ctx.args])
+
+
+@main.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="The motion you want.")
+@click.option("--camera", type=_CAMERAS, default="zoom-in", show_default=True)
+@click.option("--duration", type=float, default=None, help="Clip length in seconds.")
+@click.option("--backend", default=None, help="Backend name (see `animabot backends`).")
+@click.option("--model", default=None, help="Model of that backend.")
+@click.option("--member", default=None, help="GUILD:USER to charge (default: a free operator job).")
+@click.option("--key", default=None, help="Idempotency key: submitting it again returns the same job.")
+@click.option("--wait", is_flag=True, help="Wait for the job to end and print its outcome.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def submit(image: Path, prompt: str, camera: str, duration: float | None, backend: str | None, model: str | None,
+           member: str | None, key: str | None, wait: bool, as_json: bool) -> None:
+    """Submit IMAGE to the job system (`animabot run` or the Celery workers do it)."""
+    from worker.submit import submit as submit_job
+
+    settings = get_settings()
+    if not image.is_file():
+        _fail(f"{image} is not a file; give the path of a JPEG, PNG or WebP picture")
+    owner = None
+    if member:
+        if member.count(":") != 1:
+            _fail(f"--member {member!r} is not GUILD:USER, e.g. 1234:5678")
+        guild, user = member.split(":")
+        owner = (guild, user)
+    db = _db(settings)
+    kick = None
+    if settings.redis_url:
+        from worker.celery import kick
+    params = JobParams(prompt=prompt, camera=CameraMove(camera), backend=backend, model=model,
+                       duration=settings.default_duration if duration is None else duration)
+    try:
+        receipt = submit_job(db, settings, image=image.read_bytes(), params=params, member=owner, key=key,
+                             kick=kick)
+    except UserError as exc:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "error": exc.to_json()}))
+        _fail(exc.message)
+    if not wait:
+        if as_json:
+            click.echo(json.dumps({"ok": True, **receipt.to_json()}))
+        else:
+            click.echo(f"job {receipt.job_id} queued, position {receipt.position}, "
+                       f"about {receipt.eta_seconds:.0f} s, {receipt.price_credits} credits held")
+        return
+    outcome = _wait_for(db, settings, receipt.job_id)
+    if as_json:
+        click.echo(json.dumps(outcome.to_json()))
+    elif outcome.status == "succeeded":
+        click.echo(f"job {receipt.job_id}: {outcome.output}")
+    if outcome.status != "succeeded":
+        _fail(outcome.error["message"] if outcome.error else outcome.status, code=1)
+
+
+def _wait_for(db: Any, settings: Settings, job_id: int) -> Any:
+    from worker.jobs import load_job
+    from worker.pipeline import Pipeline
+
+    while not load_job(db, job_id).job_state.terminal:
+        time.sleep(0.25)
+    return Pipeline(db, settings).outcome(job_id)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def jobs(as_json: bool) -> None:
+    """List unfinished jobs with their state, queue position and estimated seconds until done."""
+    from sqlmodel import Session, select
+
+    from worker import scheduler
+    from worker.models import FINAL_STATES, Job
+
+    settings = get_settings()
+    db = _db(settings)
+    with Session(db) as session:
+        rows = session.exec(select(Job).where(Job.state.not_in([s.value for s in FINAL_STATES]))  # type: ignore[attr-defined]
+                            .order_by(Job.id)).all()
+    listed = []
+    for job in rows:
+        position, eta = scheduler.position(db, settings, job.id or 0)
+        listed.append({"job_id": job.id, "state": job.state, "position": position, "eta_seconds": round(eta, 1),
+                       "backend": job.backend, "prompt": job.prompt})
+    if as_json:
+        click.echo(json.dumps({"jobs": listed}))
+        return
+    if not listed:
+        click.echo("no unfinished jobs")
+    for row in listed:
+        where = f"position {row['position']}" if row["position"] else row["state"]
+        click.echo(f"job {row['job_id']:<6} {where:<16} about {row['eta_seconds']:.0f} s  {row['prompt'][:50]}")
+
+
+@main.command()
+@click.argument("job_id", type=int)
+def cancel(job_id: int) -> None:
+    """Cancel job JOB_ID: its provider request is stopped and its credits go back."""
+    from worker.runner import CancelRefused, Worker
+
+    settings = get_settings()
+    db = _db(settings)
+    worker = Worker(db, settings)
+
+    async def go() -> bool:
+        try:
+            return await worker.cancel(job_id)
+        finally:
+            await worker.aclose()
+
+    try:
+        now = asyncio.run(go())
+    except CancelRefused as exc:
+        _fail(str(exc))
+    except LookupError:
+        _fail(f"there is no job {job_id}; `animabot jobs` lists the unfinished ones")
+    click.echo(f"job {job_id} canceled" if now else f"job {job_id} will stop when its current step ends")
+
+
+def _health(settings: Settings) -> list[dict[str, Any]]:
+    """Health records (failures, cooldowns) from the database; none when it cannot be opened."""
+    from worker import health
+    from worker.db import init_db
+
+    try:
+        return health.report(init_db(settings))
+    except Exception as exc:  # health is extra information: a missing database must not hide the list
+        log.warning("backend health unavailable: %s", exc)
+        return []
 
 
 if __name__ == "__main__":

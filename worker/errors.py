@@ -7,7 +7,8 @@ charged credits or written a clip.
     UserError
     ├── ImageRejected          the source picture cannot be used
     ├── InvalidParameters      an option is out of range or a combination cannot be honoured
-    └── InsufficientCredits    the price is more than the balance
+    ├── InsufficientCredits    the price is more than the balance
+    └── LimitReached           too many unfinished jobs (member or server), or the cooldown
 """
 
 from __future__ import annotations
@@ -53,3 +54,9 @@ class InsufficientCredits(UserError):
         )
         self.balance = balance
         self.price = price
+
+
+class LimitReached(UserError):
+    """The member or the server already has as many unfinished jobs as allowed, or is cooling down."""
+
+    code = "limit_reached"

@@ -7,8 +7,10 @@ and calls :func:`create_job`; the pipeline then reads everything it needs from t
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
@@ -17,7 +19,7 @@ from sqlmodel import Session, select
 from backends.base import Aspect, CameraMove
 from worker import ledger, pricing
 from worker.errors import InvalidParameters
-from worker.models import Job
+from worker.models import Job, utcnow
 
 ASPECTS = ("auto", *(a.value for a in Aspect))
 MAX_PROMPT = 1000
@@ -66,7 +68,7 @@ class JobParams:
         return JobParams(**{**asdict(self), "prompt": prompt, "camera": camera, "seed": seed})
 
 
-def create_job(
+def create_or_find_job(
     engine: Engine,
     params: JobParams,
     *,
@@ -77,20 +79,30 @@ def create_job(
     channel_id: str | None = None,
     parent_job_id: int | None = None,
     default_backend: str = "local",
-) -> Job:
-    """Check ``params`` and write a queued job; with ``key``, return the existing job for that key.
+    price: int | None = None,
+    admit: Callable[[Session, Job], None] | None = None,
+    detail: dict[str, Any] | None = None,
+) -> tuple[Job, bool]:
+    """Check ``params`` and write a queued job; with ``key``, find the existing job for that key instead.
+
+    Returns the job and whether this call created it.
 
     With ``account_id`` the job's price is reserved from that member's credits in the same transaction
     as the job row: either both are written or neither (:class:`~worker.errors.InsufficientCredits`
     says the balance and the price). Jobs without an account (the operator's CLI runs) are free.
+    ``price`` overrides the price of the requested (or default) backend; ``admit(session, job)`` runs
+    inside the transaction, before the reservation, and may raise to refuse the job (limits, cooldown).
     """
     with Session(engine) as session:
         if key is not None:
             existing = session.exec(select(Job).where(Job.key == key)).first()
             if existing is not None:
-                return existing
+                return existing, False
         p = params.checked()
-        price = _price(p, default_backend) if account_id is not None else 0
+        if account_id is None:
+            price = 0
+        elif price is None:
+            price = _price(p, default_backend)
         job = Job(
             key=key,
             account_id=account_id,
@@ -108,10 +120,14 @@ def create_job(
             model=p.model,
             source_path=str(source_path) if source_path else None,
             price_credits=price,
+            next_run_at=utcnow(),
+            detail=dict(detail or {}),
         )
         session.add(job)
         try:
             session.flush()
+            if admit is not None:
+                admit(session, job)
             if account_id is not None:
                 ledger.reserve(session, account_id, price, job_id=job.id or 0, memo=f"job {job.id}")
             session.commit()
@@ -119,12 +135,17 @@ def create_job(
             session.rollback()
             if key is None:
                 raise
-            return session.exec(select(Job).where(Job.key == key)).one()  # a concurrent submit won
+            return session.exec(select(Job).where(Job.key == key)).one(), False  # a concurrent submit won
         except Exception:
             session.rollback()
             raise
         session.refresh(job)
-        return job
+        return job, True
+
+
+def create_job(engine: Engine, params: JobParams, **kwargs: Any) -> Job:
+    """:func:`create_or_find_job`, for callers that need only the job."""
+    return create_or_find_job(engine, params, **kwargs)[0]
 
 
 def _price(params: JobParams, default_backend: str) -> int:

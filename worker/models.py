@@ -63,11 +63,12 @@ class JobState(StrEnum):
 FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
 
 #: Legal moves of the job state machine. Any state may fail or be canceled; ``checking`` may go back
-#: to ``generating`` when the check rejects an output and the job retries.
+#: to ``generating`` when the check rejects an output and the job retries, and ``generating`` may go
+#: straight to ``post-processing`` when an attempt errs after an earlier one was accepted (best-of-N).
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.VALIDATING}),
     JobState.VALIDATING: frozenset({JobState.GENERATING}),
-    JobState.GENERATING: frozenset({JobState.CHECKING}),
+    JobState.GENERATING: frozenset({JobState.CHECKING, JobState.POST_PROCESSING}),
     JobState.CHECKING: frozenset({JobState.GENERATING, JobState.POST_PROCESSING}),
     JobState.POST_PROCESSING: frozenset({JobState.DELIVERING}),
     JobState.DELIVERING: frozenset({JobState.SUCCEEDED}),
@@ -117,8 +118,18 @@ class Job(SQLModel, table=True):
     error_message: str | None = Field(default=None, max_length=2000)
     detail: dict[str, Any] = _json()
 
+    # Scheduling (worker.engine): when the job next needs a worker (NULL while it waits on a provider
+    # or once it is final), and who holds it now, until when.
+    next_run_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True), index=True)
+    lease_owner: str | None = Field(default=None, max_length=100)
+    lease_expires_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    claims: int = Field(default=0, description="Times a worker took the job.")
+    recoveries: int = Field(default=0, description="Times the job was taken back from a worker that died.")
+    cancel_requested: bool = False
+
     created_at: datetime = _time()
     updated_at: datetime = _time()
+    started_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
     finished_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
 
     @property
@@ -166,8 +177,14 @@ class Attempt(SQLModel, table=True):
     model: str | None = Field(default=None, max_length=200)
     seed: int = 0
     motion: int = 2
+    segment: int = Field(default=0, description="Which segment of an extended clip this attempt makes.")
+    provider_id: str | None = Field(default=None, max_length=200, index=True,
+                                    description="The provider's id of the generation (the handle's id).")
     handle: dict[str, Any] = _json()
-    state: str = Field(default="submitted", max_length=20)
+    state: str = Field(default="submitting", max_length=20, description="submitting, running, ready, finished")
+    next_poll_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True), index=True)
+    report: dict[str, Any] = _json(description="How the provider says the generation ended.")
+    result: dict[str, Any] = _json(description="The generated file, as the backend described it.")
     verdict: str | None = Field(default=None, max_length=16, description="accepted, rejected or error")
     reasons: list[str] = Field(default_factory=list, sa_type=sa.JSON)
     error_code: str | None = Field(default=None, max_length=64)
@@ -176,6 +193,66 @@ class Attempt(SQLModel, table=True):
     cost_usd: float = 0.0
     started_at: datetime = _time()
     finished_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+
+
+class Event(SQLModel, table=True):
+    """One thing that happened to a job, kept until a front end confirms it handled it.
+
+    The table is both the event stream and the outbox: front ends read undelivered events in order and
+    set ``delivered_at`` once handled, so a front end that was down gets what it missed, and a finished
+    result is never dropped.
+    """
+
+    __tablename__ = "events"
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="jobs.id", index=True)
+    kind: str = Field(max_length=32)
+    payload: dict[str, Any] = _json()
+    created_at: datetime = _time()
+    delivered_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True), index=True)
+
+
+class Delivery(SQLModel, table=True):
+    """Where a chat front end told a member about a job, so it can keep the conversation going.
+
+    The reply token answers the member's own request until it expires (Discord: 15 minutes); after
+    that the front end posts with its own credentials in ``channel_id``. Message ids are the front
+    end's: the status message it edits, the result it posted, the copy in the server's gallery.
+    """
+
+    __tablename__ = "deliveries"
+
+    job_id: int = Field(primary_key=True, foreign_key="jobs.id")
+    user_id: str = Field(max_length=32)
+    channel_id: str = Field(max_length=32)
+    application_id: str = Field(default="", max_length=32)
+    reply_token: str = Field(default="", max_length=500)
+    token_expires_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    upload_limit: int = Field(default=10 * 1024 * 1024, description="Largest file the reply may carry, bytes.")
+    private: bool = False
+    status_message_id: str | None = Field(default=None, max_length=32)
+    result_message_id: str | None = Field(default=None, max_length=32)
+    gallery_message_id: str | None = Field(default=None, max_length=32, index=True)
+    created_at: datetime = _time()
+
+
+class BackendHealth(SQLModel, table=True):
+    """How a backend (and model) has been doing lately, shared by every process.
+
+    Consecutive failures that are the provider's fault (outage, timeout, rate limit) put it on
+    cooldown until ``cooldown_until``; routing skips it meanwhile. A success clears the count.
+    """
+
+    __tablename__ = "backend_health"
+
+    backend: str = Field(primary_key=True, max_length=64)
+    model: str = Field(default="", primary_key=True, max_length=200)
+    consecutive_failures: int = 0
+    cooldown_until: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    last_error: str = Field(default="", max_length=500)
+    last_error_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    last_ok_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
 
 
 class AccountKind(StrEnum):
@@ -264,6 +341,7 @@ class Clip(SQLModel, table=True):
     backend: str = Field(max_length=64)
     prompt: str = Field(default="", max_length=2000)
     published: bool = False
+    deleted: bool = False
     votes: int = 0
     created_at: datetime = _time()
 
@@ -278,6 +356,7 @@ class GuildSettings(SQLModel, table=True):
     gallery_channel_id: str | None = Field(default=None, max_length=32)
     allowed_channel_ids: list[str] = Field(default_factory=list, sa_type=sa.JSON)
     routing_overrides: dict[str, Any] = _json()
+    prices: dict[str, Any] = _json(description="Per-second prices by backend, over the price table.")
     max_concurrent_per_user: int | None = None
     cooldown_seconds: int | None = None
     updated_at: datetime = _time()

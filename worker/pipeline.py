@@ -14,22 +14,29 @@ Outcomes, as front ends report them:
 - ``rejected`` — the input was refused (:class:`~worker.errors.UserError`); nothing was generated.
 - ``failed`` — generation did not produce an acceptable clip; the reservation is voided.
 
-The CLI runs this in-process; the job system will run the same stages from its tasks.
+The work is cut into units (:meth:`Pipeline.advance`) that each start from what the database says:
+prepare and submit the first attempt; collect, judge and submit the next; finish the clip. Between
+units a job holds nothing but its row: while a provider works, the job waits on a webhook or a poll
+(:meth:`Pipeline.poll`). The job system (``worker.engine``) runs the units from its workers; the
+CLI runs them in-process with :meth:`Pipeline.run`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import sqlalchemy as sa
 from PIL import Image
 from sqlalchemy import Engine
 from sqlmodel import Session, select
@@ -47,30 +54,31 @@ from backends.base import (
     GenerationRequest,
     GenerationResult,
     Handle,
+    RateLimited,
     State,
 )
 from backends.registry import UnknownBackend, create_backend, get_backend_class
-from worker import artifacts, encode, imaging, ledger, postprocess, pricing, prompts, quality, routing, subject
+from worker import (
+    artifacts,
+    encode,
+    events,
+    health,
+    imaging,
+    ledger,
+    links,
+    postprocess,
+    pricing,
+    prompts,
+    quality,
+    routing,
+    subject,
+)
 from worker.errors import InvalidParameters, UserError
+from worker.jobs import load_job
 from worker.models import Attempt, Clip, GuildSettings, Job, JobStage, JobState, utcnow
 from worker.settings import Settings
 
 ProgressCallback = Callable[[str, float], None]
-
-#: The job state a stage runs in.
-STAGE_STATE = {
-    "validate": JobState.VALIDATING,
-    "classify": JobState.VALIDATING,
-    "enhance": JobState.VALIDATING,
-    "route": JobState.VALIDATING,
-    "prompt": JobState.VALIDATING,
-    "generate": JobState.GENERATING,
-    "check": JobState.CHECKING,
-    "post-process": JobState.POST_PROCESSING,
-    "encode": JobState.POST_PROCESSING,
-    "store": JobState.DELIVERING,
-}
-
 
 class GenerationFailed(Exception):
     """No acceptable clip after every attempt; ``code`` and ``message`` say why in plain words."""
@@ -113,12 +121,58 @@ class JobOutcome:
 
 
 @dataclass
+class Loop:
+    """Where a job stands in the retry loop, saved on the job after every attempt.
+
+    ``step`` indexes the route; ``tries`` counts attempts on that step's backend; ``attempt`` counts
+    them all. Accepted attempts become ``segments`` (an extended clip) or ``candidates`` (score,
+    attempt number) for best-of-N. ``not_before`` (epoch seconds) is when a transient error may be
+    retried. ``throttled`` counts submits the provider turned away before starting anything (a 429, a
+    busy Cog server): back-pressure, which costs the job no attempt.
+    """
+
+    motion: int
+    seed: int
+    step: int = 0
+    tries: int = 0
+    attempt: int = 0
+    step_done: bool = False
+    not_before: float = 0.0
+    segments: list[int] = field(default_factory=list)
+    candidates: list[list[float]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    segment_image: str | None = None
+    throttled: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """As saved in ``job.detail["loop"]``."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Loop:
+        """The loop :meth:`to_json` saved."""
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a job needs after :meth:`Pipeline.advance`: nothing more, a provider's answer, or time."""
+
+    kind: str  # "done", "wait" (on attempt ``attempt_id``) or "retry" (at epoch second ``at``)
+    attempt_id: int | None = None
+    at: float = 0.0
+
+
+DONE = Step("done")
+
+
+@dataclass
 class _Run:
-    """What the stages of one job hand each other."""
+    """What the stages of one job hand each other; rebuilt from the job row for every unit of work."""
 
     job: Job
     settings: Settings
-    deliver_to: Path | None
+    loop: Loop
     source: imaging.SourceImage | None = None
     aspect: Aspect = Aspect.LANDSCAPE
     width: int = 0
@@ -130,17 +184,10 @@ class _Run:
     fitted_pixels: np.ndarray | None = None
     route: routing.Route | None = None
     camera: CameraMove = CameraMove.ZOOM_IN
-    motion: int = 2
     model: str | None = None
     backend: Backend | None = None
     prompt: str = ""
     negative: str = ""
-    seed: int = 0
-    attempt: int = 0
-    candidates: list[tuple[float, int, GenerationResult, quality.Verdict]] = field(default_factory=list)
-    segments: list[GenerationResult] = field(default_factory=list)
-    segment_image: Path | None = None
-    segment_pixels: np.ndarray | None = None
     segment_duration: float = 0.0
     generated: GenerationResult | None = None
     verdict: quality.Verdict | None = None
@@ -151,16 +198,58 @@ class _Run:
     def media(self) -> Path:
         return self.settings.media_path
 
+    @property
+    def segment_image(self) -> Path | None:
+        """The picture the next generation starts from: the fitted source, or an extension's last frame."""
+        return Path(self.loop.segment_image) if self.loop.segment_image else self.fitted
+
+    def segment_pixels(self) -> np.ndarray | None:
+        if self.loop.segment_image is None:
+            if self.fitted_pixels is None and self.fitted is not None:
+                self.fitted_pixels = _read_rgb(self.fitted)
+            return self.fitted_pixels
+        return _read_rgb(Path(self.loop.segment_image))
+
     def artifact(self, stage: str, *parts: object, ext: str) -> Path:
         assert self.job.id is not None
         return artifacts.artifact_path(self.media, self.job.id, stage, *parts, ext=ext)
 
+    def plan_json(self) -> dict[str, Any]:
+        """What preparation decided, saved on the job so any worker can carry on from there."""
+        assert self.route is not None
+        return {
+            "aspect": self.aspect.value, "width": self.width, "height": self.height, "fitted": str(self.fitted),
+            "subject": self.subject, "faces": _jsonable(self.faces), "focus": _jsonable(self.focus),
+            "camera": self.camera.value, "prompt": self.prompt, "negative": self.negative,
+            "route": self.route.to_json(),
+        }
+
+    def load_plan(self, plan: dict[str, Any]) -> None:
+        self.aspect, self.width, self.height = Aspect(plan["aspect"]), plan["width"], plan["height"]
+        self.fitted, self.subject = Path(plan["fitted"]), plan["subject"]
+        self.faces = tuple(Box(**b) for b in plan["faces"])
+        self.focus = Box(**plan["focus"]) if plan["focus"] else None
+        self.camera, self.prompt, self.negative = CameraMove(plan["camera"]), plan["prompt"], plan["negative"]
+        raw = plan["route"]
+        self.route = routing.Route(
+            subject=raw["subject"], origin=raw["origin"],
+            steps=tuple(routing.RouteStep(s["backend"], s["model"], s["reason"]) for s in raw["steps"]),
+        )
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
 
 class Pipeline:
-    """Runs jobs through every stage and records what happened on them.
+    """Moves jobs through every stage and records what happened on them.
 
-    ``backends`` maps a backend name to a ready instance (e.g. a :class:`backends.fake.FakeBackend` with
-    scripted outcomes); other backends are created from the registry on first use.
+    :meth:`advance` does one unit of work on a job (prepare and submit, collect and judge an attempt,
+    or finish the clip) and says what the job needs next; the job system calls it from its workers.
+    :meth:`run` drives one job to its end in-process, as the CLI does. ``backends`` maps a backend name
+    to a ready instance (e.g. a :class:`backends.fake.FakeBackend` with scripted outcomes); other
+    backends are created from the registry on first use.
     """
 
     def __init__(
@@ -187,35 +276,76 @@ class Pipeline:
         for backend in self._backends.values():
             await backend.aclose()
 
-    # -- running -------------------------------------------------------------------------------
+    # -- driving one job in-process ------------------------------------------------------------
 
     async def run(self, job_id: int, *, deliver_to: Path | None = None) -> JobOutcome:
-        """Run job ``job_id`` to its end; with ``deliver_to``, copy the finished clip there."""
+        """Run job ``job_id`` to its end, waiting in-process; with ``deliver_to``, copy the clip there."""
         started = time.perf_counter()
-        with Session(self.engine) as session:
-            job = session.get(Job, job_id)
-            if job is None:
-                raise LookupError(f"no job {job_id}")
-            session.expunge(job)
-        run = _Run(job=job, settings=self.settings, deliver_to=deliver_to, seed=job.seed)
-        status, error = "succeeded", None
+        while (step := await self.advance(job_id)).kind != "done":
+            if step.kind == "wait":
+                assert step.attempt_id is not None
+                await self._wait_here(step.attempt_id)
+            else:
+                await asyncio.sleep(max(0.0, step.at - time.time()))
+        job = load_job(self.engine, job_id)
+        if deliver_to is not None and job.job_state is JobState.SUCCEEDED and job.output_path:
+            deliver_to.parent.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(shutil.copyfile, job.output_path, deliver_to)
+        return self.outcome(job_id, deliver_to=deliver_to, seconds=time.perf_counter() - started)
+
+    async def _wait_here(self, attempt_id: int) -> None:
+        interval = 0.02
+        while True:
+            attempt = self._attempt(attempt_id)
+            if attempt.state != "running":
+                return
+            report = await self.poll(attempt)
+            if report is not None:
+                self.mark_ready(attempt_id, report)
+                return
+            await asyncio.sleep(interval)
+            interval = min(interval * 1.5, 1.0)
+
+    # -- the unit of work ----------------------------------------------------------------------
+
+    async def advance(self, job_id: int) -> Step:
+        """Do the next piece of work on job ``job_id`` and say what it needs next.
+
+        Safe to call again after a crash at any point: every piece starts from what the database
+        says, and a piece already done is not done twice (an attempt submitted to a provider is
+        waited on, never submitted again).
+        """
+        job = load_job(self.engine, job_id)
+        if job.job_state.terminal:
+            return DONE
+        run = _Run(job=job, settings=self.settings, loop=self._loop(job))
         try:
-            for stage in ("validate", "classify", "enhance", "route", "prompt"):
-                await self._stage(run, stage, getattr(self, "_" + stage))
-            await self._generate_until_accepted(run)
-            for stage in ("post-process", "encode", "store"):
-                await self._stage(run, stage, getattr(self, "_" + stage.replace("-", "_")))
-            self._finish(run, JobState.SUCCEEDED)
+            if job.job_state in (JobState.QUEUED, JobState.VALIDATING):
+                await self._prepare(run)
+            else:
+                run.load_plan(job.detail["plan"])
+            if run.job.job_state in (JobState.POST_PROCESSING, JobState.DELIVERING):
+                await self._finish_clip(run)
+                return DONE
+            return await self._generate(run)
         except UserError as exc:
-            status, error = "rejected", exc.to_json()
-            self._finish(run, JobState.FAILED, exc.code, exc.message)
+            self._fail(run, exc.code, exc.message, status="rejected")
         except GenerationFailed as exc:
-            status, error = "failed", {"code": exc.code, "message": exc.message}
-            self._finish(run, JobState.FAILED, exc.code, exc.message)
-        return self._outcome(run, status, error, time.perf_counter() - started)
+            self._fail(run, exc.code, exc.message)
+        return DONE
+
+    def _loop(self, job: Job) -> Loop:
+        raw = job.detail.get("loop")
+        return Loop.from_json(raw) if raw else Loop(motion=job.motion, seed=job.seed)
+
+    async def _prepare(self, run: _Run) -> None:
+        if run.job.job_state is JobState.QUEUED:
+            self._move(run, JobState.VALIDATING, event=("started", {}), started_at=utcnow())
+        for stage in ("validate", "classify", "enhance", "route", "prompt"):
+            await self._stage(run, stage, getattr(self, "_" + stage))
+        self._move(run, JobState.GENERATING, detail={**run.job.detail, "plan": run.plan_json()})
 
     async def _stage(self, run: _Run, stage: str, fn: Callable[[_Run], Any]) -> dict[str, Any]:
-        self._move(run, STAGE_STATE[stage])
         self._progress(stage, 0.0)
         t0 = time.perf_counter()
         started_at = utcnow()
@@ -225,7 +355,7 @@ class Pipeline:
             failure = {"code": exc.code, "message": getattr(exc, "message", str(exc))}
             self._record(run, stage, "failed", time.perf_counter() - t0, started_at, failure)
             raise
-        outcome = "skipped" if detail.get("skipped") else "ok"
+        outcome = "skipped" if detail.get("skipped") is True else "ok"  # (route lists the entries it skipped)
         if stage == "check" and run.verdict is not None and not run.verdict.accepted:
             outcome = "rejected"
         self._record(run, stage, outcome, time.perf_counter() - t0, started_at, detail)
@@ -245,8 +375,17 @@ class Pipeline:
             )
             session.commit()
 
-    def _move(self, run: _Run, state: JobState, **fields: Any) -> None:
-        with Session(self.engine) as session:
+    def _move(
+        self, run: _Run, state: JobState, *, event: tuple[str, dict[str, Any]] | None = None,
+        session: Session | None = None, **fields: Any,
+    ) -> None:
+        """Move the job to ``state``, set ``fields`` and publish ``event``, in one transaction.
+
+        With ``session`` the caller commits (e.g. together with a ledger transfer).
+        """
+        own = session is None
+        session = session or Session(self.engine)
+        try:
             job = session.get(Job, run.job.id)
             assert job is not None
             job.advance(state)
@@ -254,36 +393,83 @@ class Pipeline:
                 setattr(job, name, value)
             job.updated_at = utcnow()
             session.add(job)
-            session.commit()
-            session.refresh(job)
-            session.expunge(job)
-            run.job = job
+            if event is not None:
+                events.publish(session, job, *event)
+            if own:
+                session.commit()
+                session.refresh(job)
+                session.expunge(job)
+                run.job = job
+        finally:
+            if own:
+                session.close()
 
-    def _finish(self, run: _Run, state: JobState, code: str | None = None, message: str | None = None) -> None:
+    def _fail(self, run: _Run, code: str, message: str, *, status: str = "failed") -> None:
         assert run.job.id is not None
         with Session(self.engine) as session:
-            if state is JobState.SUCCEEDED:
-                ledger.capture(session, run.job.id)
-            else:
-                ledger.void(session, run.job.id)
-        self._move(run, state, error_code=code, error_message=message)
+            self._move(run, JobState.FAILED, session=session, error_code=code, error_message=message,
+                       detail={**run.job.detail, "status": status}, next_run_at=None,
+                       event=("failed", {"code": code, "message": message, "status": status}))
+            ledger.void(session, run.job.id)  # commits the job's end with the refund
+        run.job = load_job(self.engine, run.job.id)
 
-    def _outcome(self, run: _Run, status: str, error: dict[str, str] | None, seconds: float) -> JobOutcome:
-        assert run.job.id is not None
+    def fail(self, job_id: int, code: str, message: str) -> None:
+        """End job ``job_id`` as failed with ``message`` and give the credits back."""
+        job = load_job(self.engine, job_id)
+        if not job.job_state.terminal:
+            self._fail(_Run(job=job, settings=self.settings, loop=self._loop(job)), code, message)
+
+    async def cancel_provider_requests(self, job_id: int) -> None:
+        """Stop every generation of the job that a provider may still be working on."""
         with Session(self.engine) as session:
-            attempts = session.exec(
-                select(Attempt).where(Attempt.job_id == run.job.id).order_by(Attempt.number)
+            open_attempts = session.exec(
+                select(Attempt).where(Attempt.job_id == job_id, Attempt.state.in_(("submitting", "running")))  # type: ignore[attr-defined]
             ).all()
-            clip = session.exec(select(Clip).where(Clip.job_id == run.job.id)).first()
-        output = run.deliver_to if (status == "succeeded" and run.deliver_to) else None
-        if status == "succeeded" and output is None and run.job.output_path:
-            output = Path(run.job.output_path)
+        for attempt in open_attempts:
+            if attempt.handle:
+                with contextlib.suppress(BackendError, UnknownBackend):
+                    await self.backend(attempt.backend).cancel(Handle.from_json(attempt.handle))
+            self._update_attempt(job_id, attempt.number, state="finished", verdict="canceled",
+                                 finished_at=utcnow(), next_poll_at=None)
+
+    async def cancel(self, job_id: int) -> bool:
+        """End job ``job_id`` as canceled: stop its provider request and give the credits back.
+
+        Returns False when the job had already ended (nothing changes then).
+        """
+        job = load_job(self.engine, job_id)
+        if job.job_state.terminal:
+            return False
+        await self.cancel_provider_requests(job_id)
+        run = _Run(job=job, settings=self.settings, loop=self._loop(job))
+        with Session(self.engine) as session:
+            self._move(run, JobState.CANCELED, session=session, next_run_at=None, error_code="canceled",
+                       error_message="canceled by its owner", event=("canceled", {}))
+            ledger.void(session, job_id)
+        return True
+
+    def outcome(self, job_id: int, *, deliver_to: Path | None = None, seconds: float = 0.0) -> JobOutcome:
+        """How job ``job_id`` ended (or stands), in the shape front ends print."""
+        with Session(self.engine) as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            attempts = session.exec(
+                select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.number)
+            ).all()
+            clip = session.exec(select(Clip).where(Clip.job_id == job_id)).first()
+        state = job.job_state
+        status = {JobState.SUCCEEDED: "succeeded", JobState.CANCELED: "canceled"}.get(state)
+        status = status or (job.detail.get("status", "failed") if state is JobState.FAILED else state.value)
+        output = None
+        if status == "succeeded":
+            output = deliver_to or (Path(job.output_path) if job.output_path else None)
+        error = {"code": job.error_code, "message": job.error_message} if job.error_code else None
         return JobOutcome(
-            job_id=run.job.id,
+            job_id=job_id,
             status=status,
             output=output,
-            subject=run.job.subject,
-            backend=run.job.backend,
+            subject=job.subject,
+            backend=job.backend,
             attempts=[
                 {
                     "number": a.number, "backend": a.backend, "seed": a.seed, "motion": a.motion,
@@ -291,7 +477,7 @@ class Pipeline:
                 }
                 for a in attempts
             ],
-            cost={"credits": run.job.price_credits, "usd": round(run.job.cost_usd, 4)},
+            cost={"credits": job.price_credits, "usd": round(job.cost_usd, 4)},
             error=error,
             seconds=seconds,
             clip=(
@@ -353,20 +539,19 @@ class Pipeline:
 
     async def _route(self, run: _Run) -> dict[str, Any]:
         steering = prompts.steer(run.subject, CameraMove(run.job.camera))
-        run.camera, run.motion = steering.camera, run.job.motion
+        run.camera = steering.camera
         overrides = self._guild_overrides(run.job.guild_id)
         probe = self._request(run, None, out_name="probe.mp4")
         run.route = routing.plan_route(
             run.subject, probe, self.settings, backend=run.job.requested_backend, model=run.job.model,
-            guild_overrides=overrides, instances=self._backends,
+            guild_overrides=overrides, instances=self._backends, healthy=health.checker(self.engine),
         )
         first = run.route.steps[0]
         try:
             credits = pricing.price(first.backend, first.model, run.job.duration)
         except pricing.UnknownPrice:
             credits = 0
-        self._move(run, JobState.VALIDATING, backend=first.backend,
-                   price_credits=max(run.job.price_credits, credits))
+        self._move(run, JobState.VALIDATING, backend=first.backend)
         detail = {**run.route.to_json(), "camera": run.camera.value, "price_credits": credits}
         if steering.warning:
             detail["warning"] = steering.warning
@@ -380,96 +565,91 @@ class Pipeline:
             return dict(guild.routing_overrides) if guild and guild.routing_overrides else None
 
     async def _prompt(self, run: _Run) -> dict[str, Any]:
-        built = prompts.build_prompt(run.subject, run.job.prompt, run.camera, motion=run.motion,
+        built = prompts.build_prompt(run.subject, run.job.prompt, run.camera, motion=run.loop.motion,
                                      negative=run.job.negative_prompt)
         run.prompt, run.negative = built.prompt, built.negative
         return {"prompt": run.prompt, "negative": run.negative}
 
-    async def _generate_until_accepted(self, run: _Run) -> None:
-        """The single retry loop, along the route.
+    # -- generation: the one retry loop, one attempt per unit of work ----------------------------
 
-        Each backend gets up to ``attempts_per_backend`` attempts and the job ``max_attempts`` in all.
-        A transient error or a rejected clip is retried with a new seed (after a drift rejection also
-        with one step less motion, the known cure for morphing); a permanent error moves on to the
-        next backend; a moderation refusal ends the job. With ``best_of`` > 1 the job keeps generating
-        until it has that many accepted candidates (or the budget is spent) and keeps the best.
+    async def _generate(self, run: _Run) -> Step:
+        """Collect the job's finished attempt if it has one, then submit the next or finish.
+
+        The loop walks the route: each backend gets up to ``attempts_per_backend`` attempts and the
+        job ``max_attempts`` per segment it needs. A transient error or a rejected clip is retried
+        with a new seed (after a drift rejection also one step less motion, the known cure for
+        morphing), after a backoff for errors; a permanent error moves on to the next backend; a
+        moderation refusal ends the job. With ``best_of`` > 1 the job keeps generating until it has
+        that many accepted candidates (or the budget is spent) and keeps the best.
         """
-        assert run.route is not None and run.fitted is not None
-        failures: list[str] = []
-        run.segment_image, run.segment_pixels = run.fitted, run.fitted_pixels
-        for step in run.route.steps:
-            run.backend, run.model, run.motion = self.backend(step.backend), step.model, run.job.motion
-            tries = 0
-            while tries < self.settings.attempts_per_backend and run.attempt < self._budget(run):
-                tries += 1
-                run.attempt, run.generated, run.verdict = run.attempt + 1, None, None
-                run.segment_duration = self._next_segment(run)
-                if run.attempt > 1:
-                    run.seed = random.randrange(2**31)
-                try:
-                    await self._stage(run, "generate", self._generate)
-                except BackendError as exc:
-                    self._end_attempt(run, "error", error=exc)
-                    failures.append(exc.message)
-                    if isinstance(exc, ContentRefused):
-                        raise GenerationFailed(exc.code, _plain(exc)) from exc
-                    if not exc.transient:
-                        break  # this backend cannot do it: next on the route
-                    await asyncio.sleep(min(self.settings.retry_backoff * 2 ** (run.attempt - 1), 30.0))
-                    continue
-                await self._stage(run, "check", self._check)
-                verdict, result = run.verdict, run.generated
-                assert verdict is not None and result is not None
-                if not verdict.accepted:
-                    self._end_attempt(run, "rejected")
-                    failures.append("it " + ", ".join(quality.REASON_TEXT.get(r, r) for r in verdict.reasons))
-                    if {"drift", "wrong_start"} & set(verdict.reasons):
-                        run.motion = max(0, run.motion - 1)
-                    continue
-                self._end_attempt(run, "accepted")
-                tries = 0  # a new segment starts a fresh count on this backend
-                if self._extending(run):
-                    run.segments.append(result)
-                    if self._covered(run) >= run.job.duration - 1e-6:
-                        return
-                    await self._continue_from_last_frame(run, result)
-                    continue
-                run.candidates.append((verdict.score, run.attempt, result, verdict))
-                if len(run.candidates) >= self.settings.best_of:
-                    break
-            if run.candidates or run.attempt >= self._budget(run):
+        latest = self._latest_attempt(run)
+        if latest is not None and latest.state == "running":
+            return Step("wait", attempt_id=latest.id)
+        if latest is not None and latest.state == "submitting":
+            # A worker died between creating the attempt and recording the provider's handle.
+            error = BackendUnavailable("the worker stopped while submitting; submitting again", backend=latest.backend)
+            self._end_attempt(run, latest, "error", error=error)
+        elif latest is not None and latest.state == "ready":
+            await self._collect(run, latest)
+        while True:
+            if self._covered_all(run) or len(run.loop.candidates) >= self.settings.best_of:
                 break
-        if run.candidates:
-            _, number, result, verdict = max(run.candidates, key=lambda c: (c[0], -c[1]))
-            run.generated, run.verdict = result, verdict
-            assert run.backend is not None
-            chosen = self._attempt_backend(run.job.id, number)
-            self._move(run, run.job.job_state, backend=chosen)
-            for _, other, _, _ in run.candidates:
-                if other != number:
-                    self._set_verdict(run.job.id, other, "runner-up")
-            return
-        raise GenerationFailed(
-            "generation_failed",
-            f"no usable clip after {run.attempt} attempts ({failures[-1] if failures else 'no backend ran'}); "
-            "nothing was charged — try again, or try another camera move or backend",
-        )
+            if not self._select_step(run):
+                break
+            if time.time() < run.loop.not_before:
+                return Step("retry", at=run.loop.not_before)
+            attempt = await self._submit(run)
+            if attempt is not None:
+                return Step("wait", attempt_id=attempt)
+        if not run.loop.candidates and not run.loop.segments:
+            failures = run.loop.failures
+            raise GenerationFailed(
+                "generation_failed",
+                f"no usable clip after {run.loop.attempt} attempts "
+                f"({failures[-1] if failures else 'no backend ran'}); "
+                "nothing was charged — try again, or try another camera move or backend",
+            )
+        await self._finish_clip(run)
+        return DONE
+
+    def _select_step(self, run: _Run) -> bool:
+        """Point ``run`` at the backend of the next attempt; False when the loop has nothing left to try."""
+        assert run.route is not None
+        loop = run.loop
+        healthy = health.checker(self.engine)
+        while loop.step < len(run.route.steps):
+            step = run.route.steps[loop.step]
+            run.backend, run.model = self.backend(step.backend), step.model
+            if loop.attempt >= self._budget(run):
+                return False
+            cooling = loop.step + 1 < len(run.route.steps) and healthy(step.backend, step.model)
+            if loop.tries < self.settings.attempts_per_backend and not loop.step_done and not cooling:
+                return True
+            if loop.candidates:
+                return False
+            loop.step, loop.tries, loop.step_done, loop.motion = loop.step + 1, 0, False, run.job.motion
+        return False
 
     def _budget(self, run: _Run) -> int:
-        """Attempts this job may make: ``max_attempts`` per segment it needs."""
-        return self.settings.max_attempts * max(1, math.ceil(run.job.duration / self._max_segment(run)))
+        """Attempts this job may make: ``max_attempts`` per segment it needs, throttled submits not counted."""
+        segments = max(1, math.ceil(run.job.duration / self._max_segment(run)))
+        return self.settings.max_attempts * segments + run.loop.throttled
 
     def _max_segment(self, run: _Run) -> float:
         assert run.backend is not None
-        return run.backend.capabilities.durations[1]
+        return max(run.backend.allowed_durations(run.model) or [run.backend.capabilities.durations[1]])
 
     def _extending(self, run: _Run) -> bool:
         """Whether this job is longer than its backend allows, so it is built from segments."""
-        return bool(run.segments) or run.job.duration > self._max_segment(run) + 1e-6
+        return bool(run.loop.segments) or run.job.duration > self._max_segment(run) + 1e-6
 
     def _covered(self, run: _Run) -> float:
         overlap = self.settings.stitch_overlap
-        return sum(seg.duration for seg in run.segments) - overlap * max(0, len(run.segments) - 1)
+        durations = [self._result(run, n).duration for n in run.loop.segments]
+        return sum(durations) - overlap * max(0, len(durations) - 1)
+
+    def _covered_all(self, run: _Run) -> bool:
+        return bool(run.loop.segments) and self._covered(run) >= run.job.duration - 1e-6
 
     def _next_segment(self, run: _Run) -> float:
         """Length of the next generation: the whole clip, or the next segment of an extension.
@@ -482,37 +662,292 @@ class Pipeline:
         if not self._extending(run):
             return run.job.duration
         overlap = self.settings.stitch_overlap
-        remaining = run.job.duration - self._covered(run) + (overlap if run.segments else 0.0)
+        remaining = run.job.duration - self._covered(run) + (overlap if run.loop.segments else 0.0)
+        if allowed := run.backend.allowed_durations(run.model):
+            # A model with fixed lengths: the shortest that covers the rest, else its longest (the clip may
+            # end up to one segment longer than asked, never shorter).
+            return min((a for a in allowed if a >= remaining - 1e-6), default=max(allowed))
         if remaining <= hi:
             return max(remaining, lo)
         if remaining < 2 * hi - overlap:
             return max((remaining + overlap) / 2, lo)
         return hi
 
+    async def _submit(self, run: _Run) -> int | None:
+        """Start the next attempt at its backend; the attempt id, or None if the backend refused at once."""
+        backend, loop = run.backend, run.loop
+        assert backend is not None and run.job.id is not None
+        loop.attempt, loop.tries = loop.attempt + 1, loop.tries + 1
+        if loop.attempt > 1:
+            loop.seed = random.randrange(2**31)
+        run.segment_duration = self._next_segment(run)
+        out_name = artifacts.artifact_name(
+            "generate", backend.name, run.model or "", run.camera.value, f"m{loop.motion}", f"s{loop.seed}",
+            f"a{loop.attempt}", ext="mp4",
+        )
+        # The attempt row and the loop position are written before the provider hears of it: after a
+        # crash the job finds the attempt and never submits it twice without knowing.
+        with Session(self.engine) as session:
+            attempt = Attempt(job_id=run.job.id, number=loop.attempt, backend=backend.name, model=run.model,
+                              seed=loop.seed, motion=loop.motion, segment=len(loop.segments),
+                              result={"duration": run.segment_duration})
+            session.add(attempt)
+            self._move(run, JobState.GENERATING, session=session, backend=backend.name,
+                       detail={**run.job.detail, "loop": loop.to_json()},
+                       event=("generating", {"backend": backend.name, "model": run.model, "attempt": loop.attempt,
+                                             "max_attempts": self._budget(run), "segment": len(loop.segments)}))
+            session.commit()
+            attempt_id = attempt.id
+        run.job = load_job(self.engine, run.job.id)
+        request = self._request(run, backend, out_name=out_name, webhook_url=self._webhook_url(backend, attempt_id))
+        self._progress("generate", 0.0)
+        try:
+            handle = await backend.submit(request)
+        except BackendError as exc:
+            self._record(run, "generate", "failed", 0.0, utcnow(), {"code": exc.code, "message": exc.message})
+            self._end_attempt(run, self._attempt(attempt_id), "error", error=exc)
+            return None
+        now = utcnow()
+        self._update_attempt(run.job.id, loop.attempt, handle=handle.to_json(), state="running",
+                             provider_id=handle.id, started_at=now, next_poll_at=now)
+        return attempt_id
+
+    def _webhook_url(self, backend: Backend, attempt_id: int | None) -> str:
+        """Where the provider reports on this attempt, if the web endpoint is reachable from outside."""
+        if not self.settings.public_url or attempt_id is None:
+            return ""
+        return self.settings.public_url.rstrip("/") + links.webhook_path(
+            self.settings.webhook_key(), backend.name, attempt_id)
+
+    async def poll(self, attempt: Attempt) -> dict[str, Any] | None:
+        """Ask the provider about a running attempt: its final report, or None while it still works.
+
+        An attempt past ``generation_timeout`` is canceled at the provider and reported as timed out.
+        """
+        backend = self.backend(attempt.backend)
+        handle = Handle.from_json(attempt.handle)
+        try:
+            # A backend that cannot be polled answers from what its webhooks left in the handle.
+            report = await backend.status(handle)
+        except BackendError as exc:
+            if exc.transient:
+                return None  # asking failed, not the generation: ask again later
+            return {"state": State.FAILED.value, "error": exc.to_json()}
+        if report.state is State.SUCCEEDED:
+            return {"state": State.SUCCEEDED.value}
+        if report.state in (State.FAILED, State.CANCELED):
+            error = report.error or BackendUnavailable(
+                report.message or f"the generation was {report.state.value}", backend=backend.name
+            )
+            return {"state": report.state.value, "error": error.to_json()}
+        started = attempt.started_at if attempt.started_at.tzinfo else attempt.started_at.replace(tzinfo=UTC)
+        if (utcnow() - started).total_seconds() > self.settings.generation_timeout:
+            with contextlib.suppress(BackendError):
+                await backend.cancel(handle)
+            error = BackendTimeout(f"no result after {self.settings.generation_timeout:g}s", backend=backend.name)
+            return {"state": State.FAILED.value, "error": error.to_json()}
+        if report.progress is not None:  # the stage itself reports 1.0 when it ends
+            self._progress("generate", min(report.progress, 0.99))
+        return None
+
+    def mark_ready(self, attempt_id: int, report: dict[str, Any]) -> int | None:
+        """Record a running attempt's final report; the job id it belongs to, or None if already recorded."""
+        with Session(self.engine) as session:
+            updated = session.execute(
+                sa.update(Attempt)
+                .where(Attempt.id == attempt_id, Attempt.state == "running")
+                .values(state="ready", report=report, next_poll_at=None)
+                .returning(Attempt.job_id)
+            ).scalar_one_or_none()
+            if updated is not None:
+                session.execute(sa.update(Job).where(Job.id == updated).values(next_run_at=utcnow()))
+            session.commit()
+            return updated
+
+    async def _collect(self, run: _Run, attempt: Attempt) -> None:
+        """Fetch and judge a finished attempt, then record the verdict and the loop's next position."""
+        assert run.route is not None
+        run.backend = self.backend(attempt.backend)
+        run.model = attempt.model
+        run.segment_duration = float(attempt.result.get("duration", run.job.duration))
+        started = attempt.started_at
+        seconds = (utcnow() - (started if started.tzinfo else started.replace(tzinfo=UTC))).total_seconds()
+        report = attempt.report
+        try:
+            if report.get("state") != State.SUCCEEDED.value:
+                raise BackendError.from_json(report.get("error") or {"message": "the generation failed"})
+            run.generated = await run.backend.result(Handle.from_json(attempt.handle))
+        except BackendError as exc:
+            self._record(run, "generate", "failed", seconds, started, {"code": exc.code, "message": exc.message})
+            self._end_attempt(run, attempt, "error", error=exc)
+            return
+        result = {**attempt.result, **_result_json(run.generated)}
+        self._update_attempt(run.job.id, attempt.number, result=result, output_path=str(run.generated.video_path),
+                             cost_usd=run.generated.cost_usd)
+        self._record(run, "generate", "ok", seconds, started,
+                     {"backend": attempt.backend, "attempt": attempt.number, "seed": attempt.seed,
+                      "output": run.generated.video_path.name})
+        self._move(run, JobState.CHECKING, cost_usd=run.job.cost_usd + run.generated.cost_usd)
+        await self._stage(run, "check", self._check)
+        assert run.verdict is not None
+        if not run.verdict.accepted:
+            self._end_attempt(run, attempt, "rejected")
+            return
+        if self._extending(run):
+            run.loop.segments.append(attempt.number)
+            if not self._covered_all(run):
+                await self._continue_from_last_frame(run, run.generated)
+        else:
+            run.loop.candidates.append([run.verdict.score, attempt.number])
+        run.loop.tries = 0  # a new segment starts a fresh count on this backend
+        self._end_attempt(run, attempt, "accepted")
+
+    def _end_attempt(self, run: _Run, attempt: Attempt, verdict: str, *, error: BackendError | None = None) -> None:
+        """Record an attempt's verdict and move the loop on, in one transaction."""
+        loop = run.loop
+        fields: dict[str, Any] = {"verdict": verdict, "finished_at": utcnow(), "state": "finished",
+                                  "next_poll_at": None}
+        event = None
+        if self.backend(attempt.backend).capabilities.needs_network:
+            if error is not None:
+                health.record_failure(self.engine, attempt.backend, attempt.model, error)
+            elif verdict in ("accepted", "rejected"):  # the provider delivered, whatever the gate thinks
+                health.record_success(self.engine, attempt.backend, attempt.model)
+        if error is not None:
+            fields.update(error_code=error.code, error_message=error.message[:2000])
+            loop.failures.append(error.message)
+            if isinstance(error, ContentRefused):
+                self._save_attempt_and_loop(run, attempt, fields, None)
+                raise GenerationFailed(error.code, _plain(error))
+            if isinstance(error, RateLimited) and attempt.state == "submitting":
+                # Turned away before anything started: wait as asked and submit again, without spending
+                # the job's attempts (two jobs on a one-slot Cog server); ``job_deadline`` bounds the wait.
+                loop.tries, loop.throttled = loop.tries - 1, loop.throttled + 1
+                loop.not_before = time.time() + error.retry_after
+            elif error.transient:
+                wait = min(self.settings.retry_backoff * 2 ** (loop.attempt - 1), 30.0)
+                loop.not_before = time.time() + max(wait, getattr(error, "retry_after", 0.0))
+            else:
+                loop.step_done = True  # this backend cannot do it: next on the route
+            event = ("retrying", {"attempt": attempt.number, "backend": attempt.backend, "reason": error.message})
+        elif verdict == "rejected":
+            assert run.verdict is not None
+            fields["reasons"] = list(run.verdict.reasons)
+            reasons = ", ".join(quality.REASON_TEXT.get(r, r) for r in run.verdict.reasons)
+            loop.failures.append("it " + reasons)
+            if {"drift", "wrong_start"} & set(run.verdict.reasons):
+                loop.motion = max(0, loop.motion - 1)
+            event = ("retrying", {"attempt": attempt.number, "backend": attempt.backend,
+                                  "reasons": list(run.verdict.reasons), "reason": f"that one {reasons}"})
+        elif run.verdict is not None:
+            fields["reasons"] = list(run.verdict.reasons)
+        self._save_attempt_and_loop(run, attempt, fields, event)
+
+    def _save_attempt_and_loop(
+        self, run: _Run, attempt: Attempt, fields: dict[str, Any], event: tuple[str, dict[str, Any]] | None
+    ) -> None:
+        with Session(self.engine) as session:
+            session.execute(sa.update(Attempt).where(Attempt.id == attempt.id).values(**fields))
+            self._move(run, run.job.job_state if run.job.job_state is not JobState.CHECKING else JobState.GENERATING,
+                       session=session, detail={**run.job.detail, "loop": run.loop.to_json()}, event=event)
+            session.commit()
+        run.job = load_job(self.engine, run.job.id or 0)
+
     async def _continue_from_last_frame(self, run: _Run, result: GenerationResult) -> None:
         """The next segment starts where this one's cross-fade will begin, so the fade joins like with like."""
         before = max(0, round(self.settings.stitch_overlap * result.fps) - 1)
         pixels = await asyncio.to_thread(postprocess.last_frame, result.video_path, before=before)
-        path = run.artifact("generate", "lastframe", f"seg{len(run.segments)}", ext="png")
+        path = run.artifact("generate", "lastframe", f"seg{len(run.loop.segments)}", ext="png")
         await asyncio.to_thread(Image.fromarray(pixels).save, path, compress_level=1)
-        run.segment_image, run.segment_pixels = path, pixels
+        run.loop.segment_image = str(path)
 
-    def _attempt_backend(self, job_id: int | None, number: int) -> str:
+    async def _finish_clip(self, run: _Run) -> None:
+        """Post-process, encode and store the clip, then charge for it and announce it."""
+        assert run.job.id is not None
+        loop = run.loop
+        if run.job.job_state in (JobState.GENERATING, JobState.CHECKING):
+            chosen = None
+            if loop.candidates:
+                _, chosen_number = max(loop.candidates, key=lambda c: (c[0], -c[1]))
+                chosen = int(chosen_number)
+                for _, other in loop.candidates:
+                    if int(other) != chosen:
+                        self._update_attempt(run.job.id, int(other), verdict="runner-up")
+            last = chosen or loop.segments[-1]
+            self._move(run, JobState.POST_PROCESSING, backend=self._attempt_row(run.job.id, last).backend,
+                       detail={**run.job.detail, "chosen": chosen}, event=("post-processing", {}))
+        chosen = run.job.detail.get("chosen")
+        made_by = self._attempt_row(run.job.id, chosen or loop.segments[-1])
+        run.generated = self._result(run, chosen) if chosen else None
+        if run.job.job_state is JobState.POST_PROCESSING or self._clip(run.job.id) is None:
+            for stage in ("post-process", "encode", "store"):
+                await self._stage(run, stage, getattr(self, "_" + stage.replace("-", "_")))
+        clip = self._clip(run.job.id)
+        assert clip is not None
+        credits = self._charge(run, made_by)
+        payload = {
+            "clip": {"id": clip.id, "path": clip.path, "width": clip.width, "height": clip.height,
+                     "duration": clip.duration, "bytes": clip.bytes},
+            "backend": made_by.backend, "model": made_by.model, "seed": made_by.seed, "credits": credits,
+            "prompt": run.job.prompt, "attempts": loop.attempt,
+        }
+        with Session(self.engine) as session:
+            self._move(run, JobState.SUCCEEDED, session=session, next_run_at=None, price_credits=credits,
+                       detail={**run.job.detail, "status": "succeeded"}, event=("succeeded", payload))
+            if credits:
+                ledger.capture(session, run.job.id, amount=credits)  # commits the job's end with the charge
+            else:
+                ledger.void(session, run.job.id)
+        run.job = load_job(self.engine, run.job.id)
+
+    def _charge(self, run: _Run, made_by: Attempt) -> int:
+        """Credits for the clip: the price of the model that made it, never more than was reserved."""
+        overrides = None
+        if run.job.guild_id:
+            with Session(self.engine) as session:
+                guild = session.get(GuildSettings, run.job.guild_id)
+                overrides = dict(guild.prices) if guild and guild.prices else None
+        try:
+            actual = pricing.price(made_by.backend, made_by.model, run.job.duration, overrides=overrides)
+        except pricing.UnknownPrice:
+            actual = run.job.price_credits
+        return min(actual, run.job.price_credits)
+
+    def _result(self, run: _Run, number: int) -> GenerationResult:
+        raw = self._attempt_row(run.job.id, number).result
+        return GenerationResult(video_path=Path(raw["video_path"]), width=raw["width"], height=raw["height"],
+                                fps=raw["fps"], frames=raw["frames"], cost_usd=raw.get("cost_usd", 0.0))
+
+    def _latest_attempt(self, run: _Run) -> Attempt | None:
         with Session(self.engine) as session:
             return session.exec(
-                select(Attempt.backend).where(Attempt.job_id == job_id, Attempt.number == number)
-            ).one()
+                select(Attempt).where(Attempt.job_id == run.job.id).order_by(Attempt.number.desc())  # type: ignore[attr-defined]
+            ).first()
 
-    def _set_verdict(self, job_id: int | None, number: int, verdict: str) -> None:
+    def _attempt(self, attempt_id: int | None) -> Attempt:
         with Session(self.engine) as session:
-            attempt = session.exec(
-                select(Attempt).where(Attempt.job_id == job_id, Attempt.number == number)
-            ).one()
-            attempt.verdict = verdict
-            session.add(attempt)
+            attempt = session.get(Attempt, attempt_id)
+            assert attempt is not None
+            return attempt
+
+    def _attempt_row(self, job_id: int | None, number: int) -> Attempt:
+        with Session(self.engine) as session:
+            return session.exec(select(Attempt).where(Attempt.job_id == job_id, Attempt.number == number)).one()
+
+    def _update_attempt(self, job_id: int | None, number: int, **fields: Any) -> None:
+        with Session(self.engine) as session:
+            session.execute(
+                sa.update(Attempt).where(Attempt.job_id == job_id, Attempt.number == number).values(**fields)
+            )
             session.commit()
 
-    def _request(self, run: _Run, backend: Backend | None, *, out_name: str) -> GenerationRequest:
+    def _clip(self, job_id: int) -> Clip | None:
+        with Session(self.engine) as session:
+            return session.exec(select(Clip).where(Clip.job_id == job_id)).first()
+
+    def _request(
+        self, run: _Run, backend: Backend | None, *, out_name: str, webhook_url: str = ""
+    ) -> GenerationRequest:
         assert run.fitted is not None
         return GenerationRequest(
             image_path=run.segment_image or run.fitted,
@@ -521,83 +956,25 @@ class Pipeline:
             output_dir=artifacts.job_dir(self.settings.media_path, run.job.id or 0),
             output_name=out_name,
             camera=run.camera,
-            motion=run.motion,
+            motion=run.loop.motion,
             duration=run.segment_duration if backend else run.job.duration,
             aspect=run.aspect,
             width=run.width,
             height=run.height,
             fps=backend.capabilities.fps if backend else self.settings.output_fps,
-            seed=run.seed,
+            seed=run.loop.seed,
             model=run.model if backend else run.job.model,
             focus=run.focus,
+            key=f"animabot-job{run.job.id}-attempt{run.loop.attempt}",
+            attempt=run.loop.attempt,
+            webhook_url=webhook_url,
         )
-
-    async def _generate(self, run: _Run) -> dict[str, Any]:
-        backend = run.backend
-        assert backend is not None and run.job.id is not None
-        out_name = artifacts.artifact_name(
-            "generate", backend.name, run.model or "", run.camera.value, f"m{run.motion}", f"s{run.seed}",
-            f"a{run.attempt}", ext="mp4",
-        )
-        request = self._request(run, backend, out_name=out_name)
-        with Session(self.engine) as session:
-            session.add(
-                Attempt(job_id=run.job.id, number=run.attempt, backend=backend.name, model=run.model,
-                        seed=run.seed, motion=run.motion)
-            )
-            session.commit()
-        handle = await backend.submit(request)
-        self._update_attempt(run, handle=handle.to_json(), state="running")
-        run.generated = await self._wait(backend, handle)
-        self._update_attempt(run, state="generated", output_path=str(run.generated.video_path),
-                             cost_usd=run.generated.cost_usd)
-        if run.generated.cost_usd:  # the provider is paid for every output, accepted or not
-            self._move(run, run.job.job_state, cost_usd=run.job.cost_usd + run.generated.cost_usd)
-        return {"backend": backend.name, "attempt": run.attempt, "seed": run.seed,
-                "output": run.generated.video_path.name}
-
-    async def _wait(self, backend: Backend, handle: Handle) -> GenerationResult:
-        deadline = time.monotonic() + self.settings.generation_timeout
-        interval = 0.02
-        while True:
-            report = await backend.status(handle)
-            if report.progress is not None:  # the stage itself reports 1.0 when it ends
-                self._progress("generate", min(report.progress, 0.99))
-            if report.state is State.SUCCEEDED:
-                return await backend.result(handle)
-            if report.state is State.FAILED:
-                raise report.error or BackendUnavailable(report.message or "generation failed")
-            if report.state is State.CANCELED:
-                raise GenerationFailed("canceled", "the generation was canceled")
-            if time.monotonic() > deadline:
-                await backend.cancel(handle)
-                raise BackendTimeout(f"no result after {self.settings.generation_timeout:g}s", backend=backend.name)
-            await asyncio.sleep(interval)
-            interval = min(interval * 1.5, 1.0)
-
-    def _update_attempt(self, run: _Run, **fields: Any) -> None:
-        with Session(self.engine) as session:
-            attempt = session.exec(
-                select(Attempt).where(Attempt.job_id == run.job.id, Attempt.number == run.attempt)
-            ).one()
-            for name, value in fields.items():
-                setattr(attempt, name, value)
-            session.add(attempt)
-            session.commit()
-
-    def _end_attempt(self, run: _Run, verdict: str, *, error: BackendError | None = None) -> None:
-        fields: dict[str, Any] = {"verdict": verdict, "finished_at": utcnow(), "state": "finished"}
-        if run.verdict is not None and error is None:
-            fields["reasons"] = list(run.verdict.reasons)
-        if error is not None:
-            fields.update(error_code=error.code, error_message=error.message[:2000])
-        self._update_attempt(run, **fields)
 
     async def _check(self, run: _Run) -> dict[str, Any]:
         assert run.generated is not None
         run.verdict = await asyncio.to_thread(
             quality.judge, run.generated.video_path, width=run.width, height=run.height,
-            fps=run.generated.fps, duration=run.segment_duration, source=run.segment_pixels,
+            fps=run.generated.fps, duration=run.segment_duration, source=run.segment_pixels(),
             thresholds=self.settings.quality_thresholds(),
         )
         return run.verdict.to_json()
@@ -605,15 +982,16 @@ class Pipeline:
     async def _post_process(self, run: _Run) -> dict[str, Any]:
         detail: dict[str, Any] = {}
         target = self.settings.output_fps
-        changed = bool(run.segments)
-        if run.segments:
-            stitched = run.artifact("post-process", f"stitch{len(run.segments)}", ext="mp4")
+        segments = [self._result(run, number) for number in run.loop.segments]
+        changed = bool(segments)
+        if segments:
+            stitched = run.artifact("post-process", f"stitch{len(segments)}", ext="mp4")
             report = await asyncio.to_thread(
-                postprocess.stitch, [seg.video_path for seg in run.segments], stitched,
+                postprocess.stitch, [seg.video_path for seg in segments], stitched,
                 overlap=self.settings.stitch_overlap, fps=target, width=run.width, height=run.height,
             )
             seams = await asyncio.to_thread(postprocess.seam_checks, stitched, report.seams, fps=target)
-            detail["stitch"] = {"segments": len(run.segments), "frames": report.frames,
+            detail["stitch"] = {"segments": len(segments), "frames": report.frames,
                                 "seams": [_jsonable(seam) for seam in seams]}
             if any(seam.visible for seam in seams):
                 raise GenerationFailed(
@@ -635,7 +1013,8 @@ class Pipeline:
         if changed:  # joining and smoothing make new frames: the gate judges them like any others
             verdict = await asyncio.to_thread(
                 quality.judge, current, width=run.width, height=run.height, fps=target,
-                duration=run.job.duration, thresholds=self.settings.quality_thresholds(),
+                duration=max(run.job.duration, self._covered(run)) if segments else run.job.duration,
+                thresholds=self.settings.quality_thresholds(),
             )
             detail["verdict"] = verdict.to_json()
             if not verdict.accepted:
@@ -644,10 +1023,33 @@ class Pipeline:
                     "post_process_rejected",
                     f"the finished clip {reasons} after joining or smoothing it; nothing was charged — try again",
                 )
+        if prefix := run.job.detail.get("extends_clip"):
+            current = await self._join_to_parent(run, Path(prefix), current, detail)
         run.finished = current
         if not detail:
             return {"skipped": True, "reason": f"already {target} fps, one segment"}
         return detail
+
+    async def _join_to_parent(self, run: _Run, parent: Path, new: Path, detail: dict[str, Any]) -> Path:
+        """An extension: the parent's clip, then the new part (which starts on its last frame), cross-faded."""
+        target, overlap = self.settings.output_fps, self.settings.stitch_overlap
+        joined = run.artifact("post-process", "extended", ext="mp4")
+        report = await asyncio.to_thread(
+            postprocess.stitch, [parent, new], joined, overlap=overlap, fps=target, width=run.width, height=run.height,
+        )
+        seams = await asyncio.to_thread(postprocess.seam_checks, joined, report.seams, fps=target)
+        before = await asyncio.to_thread(video.probe, parent, count=False)
+        verdict = await asyncio.to_thread(
+            quality.judge, joined, width=run.width, height=run.height, fps=target,
+            duration=before.duration + run.job.duration - overlap, thresholds=self.settings.quality_thresholds(),
+        )
+        detail["extend"] = {"parent_seconds": round(before.duration, 3), "frames": report.frames,
+                            "seams": [_jsonable(seam) for seam in seams], "verdict": verdict.to_json()}
+        if any(seam.visible for seam in seams) or not verdict.accepted:
+            raise GenerationFailed(
+                "visible_seam", "the new part did not join the clip smoothly; nothing was charged — try again",
+            )
+        return joined
 
     async def _encode(self, run: _Run) -> dict[str, Any]:
         assert run.finished is not None
@@ -661,19 +1063,17 @@ class Pipeline:
         final = run.encoded.path
         info = await asyncio.to_thread(video.probe, final, count=False)
         with Session(self.engine) as session:
-            session.add(
-                Clip(job_id=run.job.id, account_id=run.job.account_id, guild_id=run.job.guild_id,
-                     path=str(final), width=info.width, height=info.height, duration=round(info.duration, 3),
-                     bytes=info.bytes, backend=run.job.backend or "", prompt=run.job.prompt)
-            )
+            clip = session.exec(select(Clip).where(Clip.job_id == run.job.id)).first() or Clip(job_id=run.job.id)
+            clip.sqlmodel_update(dict(
+                account_id=run.job.account_id, guild_id=run.job.guild_id, path=str(final), width=info.width,
+                height=info.height, duration=round(info.duration, 3), bytes=info.bytes,
+                backend=run.job.backend or "", prompt=run.job.prompt,
+            ))
+            session.add(clip)  # a redone store (after a crash) updates the clip; a job never has two
+            self._move(run, JobState.DELIVERING, session=session, output_path=str(final))
             session.commit()
-        detail: dict[str, Any] = {"path": str(final)}
-        if run.deliver_to is not None:
-            run.deliver_to.parent.mkdir(parents=True, exist_ok=True)
-            await asyncio.to_thread(shutil.copyfile, final, run.deliver_to)
-            detail["delivered_to"] = str(run.deliver_to)
-        self._move(run, JobState.DELIVERING, output_path=str(final))
-        return detail
+        run.job = load_job(self.engine, run.job.id)
+        return {"path": str(final)}
 
     def _backend_class(self, name: str) -> type[Backend]:
         if name in self._backends:
@@ -682,6 +1082,11 @@ class Pipeline:
             return get_backend_class(name)
         except UnknownBackend as exc:
             raise InvalidParameters(str(exc)) from None
+
+
+def _result_json(result: GenerationResult) -> dict[str, Any]:
+    return {"video_path": str(result.video_path), "width": result.width, "height": result.height,
+            "fps": result.fps, "frames": result.frames, "cost_usd": result.cost_usd}
 
 
 def _map_box(box: Box, fit: imaging.FitReport) -> Box:

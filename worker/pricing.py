@@ -134,12 +134,22 @@ def load_prices(path: Path | None = None) -> PriceTable:
     return PriceTable.load(path or BUILTIN_PRICES)
 
 
-def price(backend: str, model: str | None, duration: float, *, table: PriceTable | None = None) -> int:
+def price(
+    backend: str,
+    model: str | None,
+    duration: float,
+    *,
+    table: PriceTable | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> int:
     """Credits a ``duration``-second clip costs on ``backend`` (and ``model``), rounded up.
 
-    Uses ``table``, else the file named by ``settings.prices_file``, else the built-in table. Raises
-    :class:`UnknownPrice` for a backend the table does not list.
+    ``overrides`` are a server's own per-second prices by backend (``/animabot price``), which win
+    over the table. Uses ``table``, else the file named by ``settings.prices_file``, else the built-in
+    table. Raises :class:`UnknownPrice` for a backend the table does not list.
     """
+    if overrides and backend in overrides:
+        return Rate(per_second=Decimal(str(overrides[backend]))).cost(duration)
     if table is None:
         table = load_prices(get_settings().prices_file)
     return table.price(backend, model, duration)

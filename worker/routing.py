@@ -140,7 +140,9 @@ def _why_not(
         return f"not configured ({usable.reason})"
     if healthy is not None and (problem := healthy(step.backend, step.model)):
         return problem
-    # Longer than the backend allows is fine: the pipeline extends the clip segment by segment.
-    segment = min(probe.duration, cls.capabilities.durations[1])
+    # Longer than the backend allows is fine: the pipeline extends the clip segment by segment, in lengths
+    # the model makes.
+    longest = max(cls.allowed_durations(step.model) or [cls.capabilities.durations[1]])
+    segment = min(probe.duration, longest)
     refusals = cls.capabilities.refusals(replace(probe, model=step.model, duration=segment))
     return "; ".join(refusals) or None

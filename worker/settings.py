@@ -91,11 +91,66 @@ class Settings(_QualitySettings):  # type: ignore[misc,valid-type]
     daily_free_credits: int = Field(20, ge=0, description="Credits granted to each member once a day.")
     prices_file: Path | None = Field(None, description="Price table (TOML); empty means the built-in.")
 
-    # Services (later issues use these; empty means embedded mode).
-    redis_url: str = Field("", description="Redis URL for scale-out mode; empty runs embedded.")
+    # Job system.
+    redis_url: str = Field(
+        "", description="Redis URL: set it (with a PostgreSQL database_url) to run Celery workers; empty runs embedded."
+    )
+    worker_concurrency: int = Field(2, ge=1, le=64, description="Jobs one worker process works on at once.")
+    max_active_per_user: int = Field(3, ge=1, description="Unfinished jobs one member may have at once.")
+    max_active_per_guild: int = Field(50, ge=1, description="Unfinished jobs one server may have at once.")
+    cooldown_seconds: float = Field(0.0, ge=0, description="Pause a member must leave between two submits, s.")
+    lease_seconds: float = Field(
+        30.0, ge=2, description="How long a worker holds a job without renewing; a dead worker's jobs return then."
+    )
+    poll_interval: float = Field(5.0, gt=0, description="Longest wait between two checks of a running generation, s.")
+    poll_tick: float = Field(1.0, gt=0, description="How often due generations are checked (beat/embedded), s.")
+    reap_interval: float = Field(
+        10.0, gt=0, description="How often the reaper looks for stuck, overdue or orphaned jobs (beat/embedded), s."
+    )
+    job_deadline: float = Field(
+        3600.0, gt=0, description="Seconds after submission when a job that is still not done is failed and refunded."
+    )
+    max_recoveries: int = Field(
+        20, ge=1, description="Times a job may be taken back from dead workers before it is failed as poisonous."
+    )
+    web_host: str = Field("127.0.0.1", description="Address of the web endpoint (webhooks, health).")
+    web_port: int = Field(8750, ge=0, le=65535, description="Port of the web endpoint; 0 picks a free one.")
+    public_url: str = Field("", description="URL at which providers reach the web endpoint, for webhooks.")
+    webhook_secret: str = Field(
+        "", description="Secret that signs webhook URLs; empty makes one in data_dir (set it when scaling out)."
+    )
+    fake_latency: float = Field(0.0, ge=0, description="Seconds each generation of the test-only fake backend takes.")
+
+    # Services.
     discord_token: str = Field("", description="Bot token from the Discord developer portal.")
+    discord_dev_guild: str = Field(
+        "", description="Server id to sync commands to instantly while developing; empty syncs them globally."
+    )
+    discord_cdn_hosts: list[str] = Field(
+        ["cdn.discordapp.com", "media.discordapp.net"],
+        description="Hosts attachments are downloaded from; anything else is refused.",
+    )
+    status_edit_interval: float = Field(
+        2.0, ge=0, description="Least time between two edits of one job's status message, s (rate limits)."
+    )
     replicate_api_token: str = Field("", description="Replicate API token (enables the replicate backend).")
+    replicate_base_url: str = Field("https://api.replicate.com", description="Replicate's API address.")
     fal_key: str = Field("", description="fal.ai key (enables the fal backend).")
+    fal_queue_url: str = Field("https://queue.fal.run", description="fal's queue API address.")
+    fal_jwks_url: str = Field(
+        "https://rest.alpha.fal.ai/.well-known/jwks.json", description="Where fal publishes its webhook signing keys."
+    )
+    cog_url: str = Field("", description="A self-hosted Cog model server, e.g. http://gpu-box:5000 (enables cog).")
+    provider_download_hosts: list[str] = Field(
+        ["replicate.delivery", "*.replicate.delivery", "fal.media", "*.fal.media"],
+        description="Hosts generated videos are downloaded from (data: URIs always work); others are refused.",
+    )
+    max_output_bytes: int = Field(200 * MiB, gt=0, description="Largest generated video downloaded, bytes.")
+    webhook_max_bytes: int = Field(
+        16 * MiB, gt=0,
+        description="Largest webhook body accepted, bytes (a Cog server sends its video in it, base64: "
+        "for bigger clips run it with --upload-url).",
+    )
 
     @model_validator(mode="after")
     def _derive_paths(self) -> Settings:
@@ -110,6 +165,19 @@ class Settings(_QualitySettings):  # type: ignore[misc,valid-type]
         from worker.quality import Thresholds
 
         return Thresholds(**{f.name: getattr(self, f"qc_{f.name}") for f in dataclasses.fields(Thresholds)})
+
+    def webhook_key(self) -> bytes:
+        """``webhook_secret``, or a random one kept in ``data_dir/webhook.secret`` (made on first use)."""
+        if self.webhook_secret:
+            return self.webhook_secret.encode()
+        path = self.data_dir / "webhook.secret"
+        if not path.exists():
+            import secrets
+
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_hex(32))
+            path.chmod(0o600)
+        return path.read_text().strip().encode()
 
     @property
     def media_path(self) -> Path:

@@ -47,7 +47,24 @@ def test_unconfigured_remote_backends_are_skipped_with_the_reason(settings, tmp_
     assert [s.backend for s in route.steps] == ["local"]
     assert route.origin == "table"
     why = dict((s.backend, reason) for s, reason in route.skipped)
-    assert "unknown backend 'replicate'" in why["replicate"]
+    assert why["replicate"] == "not configured (set ANIMABOT_REPLICATE_API_TOKEN)"
+    assert why["fal"] == "not configured (set ANIMABOT_FAL_KEY)"
+
+
+def test_with_provider_keys_each_subject_goes_to_its_model(tmp_path):
+    """Keys set: portraits go to Kling, landscapes to Wan, and local stays the last resort."""
+    keyed = Settings(data_dir=tmp_path, replicate_api_token="r8_x", fal_key="k")
+    portrait = plan_route("portrait", probe(tmp_path), keyed)
+    assert [s.label for s in portrait.steps] == [
+        "replicate:kwaivgi/kling-v2.1", "fal:fal-ai/kling-video/v2.1/standard/image-to-video", "local"]
+    assert plan_route("landscape", probe(tmp_path), keyed).steps[0].label == "replicate:wan-video/wan-2.2-i2v-a14b"
+
+
+def test_a_clip_longer_than_a_model_makes_still_routes_to_it_in_its_own_lengths(tmp_path):
+    """20 s on Kling (5 or 10 s only) is planned as segments it can make, not skipped."""
+    keyed = Settings(data_dir=tmp_path, replicate_api_token="r8_x")
+    route = plan_route("portrait", probe(tmp_path, duration=20), keyed)
+    assert route.steps[0].label == "replicate:kwaivgi/kling-v2.1"
 
 
 def test_the_users_backend_always_wins(settings, tmp_path):
