@@ -29,7 +29,7 @@ from bot.delivery import DiscordDelivery
 from bot.gallery import Gallery
 from worker import ledger
 from worker.models import GuildSettings
-from worker.runner import Kick, Worker
+from worker.runner import JobControl, Kick
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def invite_url(application_id: int) -> str:
 class AnimaBot(commands.Bot):
     """animabot's Discord front end."""
 
-    def __init__(self, db: Engine, settings: Settings, worker: Worker, kick: Kick, **options: object) -> None:
+    def __init__(self, db: Engine, settings: Settings, worker: JobControl, kick: Kick, **options: object) -> None:
         intents = discord.Intents.default()  # interactions need no privileged intent
         super().__init__(command_prefix=commands.when_mentioned, intents=intents, help_command=None,
                          **options)  # type: ignore[arg-type]

@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 
 from worker import events
 from worker.events import JobEvent
-from worker.runner import Worker
+from worker.runner import JobControl, Worker
 from worker.settings import Settings
 
 
@@ -89,8 +89,8 @@ async def run(
         from worker.embedded import EmbeddedRuntime
 
         runtime = EmbeddedRuntime(db, settings)
-        worker = runtime.worker
         await runtime.start()
+        worker: JobControl = runtime.handle
     else:
         from worker.celery import kick
 
@@ -115,7 +115,7 @@ async def run(
             await worker.aclose()
 
 
-async def _start_discord(db: Engine, settings: Settings, worker: Worker, runtime: object) -> Any:
+async def _start_discord(db: Engine, settings: Settings, worker: JobControl, runtime: object) -> Any:
     """Log the bot in and connect it; raises :class:`ConfigurationError` for a token Discord refuses."""
     import discord
 

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy import Engine
@@ -39,6 +39,25 @@ from worker.settings import Settings
 log = logging.getLogger(__name__)
 
 Kick = Callable[[int], None]
+
+
+class JobControl(Protocol):
+    """What front ends and the web endpoint use of a worker: a :class:`Worker`, or the embedded runtime's handle."""
+
+    db: Engine
+    owner: str
+
+    async def webhook(
+        self, backend_name: str, headers: Mapping[str, str], body: bytes, *, attempt_id: int | None = None
+    ) -> str:
+        """Act on a provider's webhook (see :meth:`Worker.webhook`)."""
+
+    async def cancel(self, job_id: int, *, account_id: int | None = None) -> bool:
+        """Cancel a job for its owner (see :meth:`Worker.cancel`)."""
+
+    async def aclose(self) -> None:
+        """Let go of connections."""
+
 
 #: At most this many provider status calls run at once in one poll round.
 POLL_CONCURRENCY = 200

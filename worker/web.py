@@ -27,7 +27,7 @@ from sqlmodel import Session
 from backends.base import WebhookRejected
 from worker.links import clip_path, webhook_path, webhook_token
 from worker.models import FINAL_STATES, Clip, Job
-from worker.runner import Worker
+from worker.runner import JobControl
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,11 @@ __all__ = ["clip_path", "make_app", "serve", "webhook_path", "webhook_token"]
 
 #: Default cap on a webhook body (``settings.webhook_max_bytes`` overrides it in ``animabot run``).
 MAX_BODY = 1024 * 1024
-_WORKER: web.AppKey[Worker] = web.AppKey("worker", Worker)
+_WORKER: web.AppKey[JobControl] = web.AppKey("worker")
 _SECRET: web.AppKey[bytes] = web.AppKey("secret", bytes)
 
 
-def make_app(worker: Worker, secret: bytes, *, max_body: int = MAX_BODY) -> web.Application:
+def make_app(worker: JobControl, secret: bytes, *, max_body: int = MAX_BODY) -> web.Application:
     """The aiohttp application for ``worker``; bodies over ``max_body`` bytes are refused with 413."""
     app = web.Application(client_max_size=max_body)
     app[_WORKER] = worker
