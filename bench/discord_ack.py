@@ -8,6 +8,8 @@ delivered in the channel. The jobs are real (fake backend without latency, 1 s c
 their media work shares the 2 cores with the acknowledgements.
 
     python bench/discord_ack.py [--n 200] [--python PATH --root DIR]   # another checkout, to compare
+    python bench/discord_ack.py --profile out.txt   # py-spy's collapsed stacks of the bot during the burst
+    python bench/discord_ack.py --acks-only         # stop after the acknowledgements (quick comparisons)
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def bot_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def main(n: int, python: str, root: Path) -> None:
+async def main(n: int, python: str, root: Path, profile: Path | None, acks_only: bool) -> None:
     data = picture()
     async with DiscordEmulator() as emu:
         guild = emu.add_guild("Bench")
@@ -73,18 +75,30 @@ async def main(n: int, python: str, root: Path) -> None:
                 if bot.returncode is not None:
                     sys.exit(f"the bot stopped:\n{log.read_text()}")
                 await asyncio.sleep(1.0)  # let start-up settle (command sync, the first reaper round)
+                spy = None
+                if profile is not None:  # py-spy samples the bot for the burst (pip install py-spy)
+                    spy = await asyncio.create_subprocess_exec(
+                        str(Path(python).with_name("py-spy")), "record", "--pid", str(bot.pid), "--duration", "3",
+                        "--rate", "500", "--format", "raw", "--threads", "--output", str(profile),
+                        stdout=asyncio.subprocess.DEVNULL)
+                    await asyncio.sleep(1.0)
                 cpu0, t0 = bot_cpu(bot.pid), time.perf_counter()
                 inters = [emu.send_slash(m, channel, "animate", {"prompt": "slow push-in", "model": "fake"},
                                          attachments={"image": ("a.png", data)}) for m in members]
                 await emu.wait_for(lambda: all(i.acked_type for i in inters), timeout=60)
                 acked = time.perf_counter() - t0
-                await emu.wait_for(
-                    lambda: sum("animation.mp4" in m.files for m in emu.messages_in(channel)) >= n, timeout=3600)
-                delivered, cpu = time.perf_counter() - t0, bot_cpu(bot.pid) - cpu0
+                if spy is not None:
+                    await spy.wait()
+                delivered, cpu = float("nan"), float("nan")
+                if not acks_only:
+                    await emu.wait_for(
+                        lambda: sum("animation.mp4" in m.files for m in emu.messages_in(channel)) >= n, timeout=3600)
+                    delivered, cpu = time.perf_counter() - t0, bot_cpu(bot.pid) - cpu0
             finally:
                 bot.terminate()
                 await bot.wait()
     latencies = [i.ack_latency * 1000 for i in inters]
+    print(f"first acknowledgement after {min(latencies):.0f} ms")
     late = sum(i.ack_latency > 3 for i in inters)
     print(f"{n} interactions at once: deferral p50 {statistics.median(latencies):.0f} ms, "
           f"p90 {pct(latencies, 0.90):.0f} ms, p99 {pct(latencies, 0.99):.0f} ms, max {max(latencies):.0f} ms, "
@@ -98,5 +112,7 @@ if __name__ == "__main__":
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--python", default=sys.executable, help="the bot's Python (another checkout's venv)")
     parser.add_argument("--root", type=Path, default=ROOT, help="the checkout whose bot is measured")
+    parser.add_argument("--profile", type=Path, help="write py-spy's samples of the bot during the burst here")
+    parser.add_argument("--acks-only", action="store_true", help="stop once every interaction is acknowledged")
     args = parser.parse_args()
-    asyncio.run(main(args.n, args.python, args.root))
+    asyncio.run(main(args.n, args.python, args.root, args.profile, args.acks_only))
