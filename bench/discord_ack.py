@@ -86,7 +86,7 @@ async def main(n: int, python: str, root: Path, profile: Path | None, acks_only:
                 inters = [emu.send_slash(m, channel, "animate", {"prompt": "slow push-in", "model": "fake"},
                                          attachments={"image": ("a.png", data)}) for m in members]
                 await emu.wait_for(lambda: all(i.acked_type for i in inters), timeout=60)
-                acked = time.perf_counter() - t0
+                acked, ack_cpu = time.perf_counter() - t0, bot_cpu(bot.pid) - cpu0
                 if spy is not None:
                     await spy.wait()
                 delivered, cpu = float("nan"), float("nan")
@@ -98,7 +98,7 @@ async def main(n: int, python: str, root: Path, profile: Path | None, acks_only:
                 bot.terminate()
                 await bot.wait()
     latencies = [i.ack_latency * 1000 for i in inters]
-    print(f"first acknowledgement after {min(latencies):.0f} ms")
+    print(f"first acknowledgement after {min(latencies):.0f} ms; the bot used {ack_cpu:.2f} CPU-s until the last")
     late = sum(i.ack_latency > 3 for i in inters)
     print(f"{n} interactions at once: deferral p50 {statistics.median(latencies):.0f} ms, "
           f"p90 {pct(latencies, 0.90):.0f} ms, p99 {pct(latencies, 0.99):.0f} ms, max {max(latencies):.0f} ms, "
