@@ -82,11 +82,12 @@ async def main(n: int, python: str, root: Path, profile: Path | None, acks_only:
                         "--rate", "500", "--format", "raw", "--threads", "--output", str(profile),
                         stdout=asyncio.subprocess.DEVNULL)
                     await asyncio.sleep(1.0)
-                cpu0, t0 = bot_cpu(bot.pid), time.perf_counter()
+                cpu0, t0, emu_cpu0 = bot_cpu(bot.pid), time.perf_counter(), time.process_time()
                 inters = [emu.send_slash(m, channel, "animate", {"prompt": "slow push-in", "model": "fake"},
                                          attachments={"image": ("a.png", data)}) for m in members]
                 await emu.wait_for(lambda: all(i.acked_type for i in inters), timeout=60)
                 acked, ack_cpu = time.perf_counter() - t0, bot_cpu(bot.pid) - cpu0
+                emu_cpu = time.process_time() - emu_cpu0
                 if spy is not None:
                     await spy.wait()
                 delivered, cpu = float("nan"), float("nan")
@@ -98,7 +99,8 @@ async def main(n: int, python: str, root: Path, profile: Path | None, acks_only:
                 bot.terminate()
                 await bot.wait()
     latencies = [i.ack_latency * 1000 for i in inters]
-    print(f"first acknowledgement after {min(latencies):.0f} ms; the bot used {ack_cpu:.2f} CPU-s until the last")
+    print(f"first acknowledgement after {min(latencies):.0f} ms; the bot used {ack_cpu:.2f} CPU-s until the last, "
+          f"the emulator (this process) {emu_cpu:.2f}")
     late = sum(i.ack_latency > 3 for i in inters)
     print(f"{n} interactions at once: deferral p50 {statistics.median(latencies):.0f} ms, "
           f"p90 {pct(latencies, 0.90):.0f} ms, p99 {pct(latencies, 0.99):.0f} ms, max {max(latencies):.0f} ms, "
