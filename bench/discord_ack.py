@@ -79,7 +79,7 @@ async def main(n: int, python: str, root: Path, profile: Path | None, acks_only:
                 if profile is not None:  # py-spy samples the bot for the burst (pip install py-spy)
                     spy = await asyncio.create_subprocess_exec(
                         str(Path(python).with_name("py-spy")), "record", "--pid", str(bot.pid), "--duration", "3",
-                        "--rate", "500", "--format", "raw", "--threads", "--output", str(profile),
+                        "--rate", "500", "--format", "raw", "--threads", "--gil", "--output", str(profile),
                         stdout=asyncio.subprocess.DEVNULL)
                     await asyncio.sleep(1.0)
                 cpu0, t0, emu_cpu0 = bot_cpu(bot.pid), time.perf_counter(), time.process_time()

@@ -84,6 +84,11 @@ async def run(
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    # Import every backend now, not inside the first member's submit: those imports hold the GIL for
+    # about 0.2 s, which would stall the acknowledgements of a burst of /animate.
+    from backends.registry import backend_classes
+
+    await asyncio.to_thread(backend_classes)
     runtime = None
     if mode(settings) == "embedded":
         from worker.embedded import EmbeddedRuntime
