@@ -51,6 +51,7 @@ def describe(event: JobEvent) -> str:
     what = {
         "queued": lambda: f"queued, position {p.get('position')}, about {p.get('eta_seconds', 0):.0f} s",
         "started": lambda: "started",
+        "painting": lambda: f"painting the picture from the prompt on {p.get('backend')}",
         "generating": lambda: (f"generating on {p.get('backend')} "
                                f"(attempt {p.get('attempt')} of {p.get('max_attempts')})"),
         "retrying": lambda: f"retrying: {p.get('reason')}",
