@@ -9,6 +9,13 @@ minutes, so the protocol is split into four non-blocking calls and a job never w
         result = await backend.result(handle)   # the video file on local disk
     await backend.cancel(handle)                 # best effort, idempotent
 
+A backend may also paint a still from text (:meth:`Backend.imagine`, advertised by a non-empty
+``image_models``), the first stage of a prompt-only job: a still takes seconds, not minutes, so that call
+waits for its picture (bounded by the backend) instead of handing out a handle::
+
+    if backend.image_models:
+        still = await backend.imagine(ImageRequest(prompt="a lighthouse at dusk", output_path=path))
+
 A :class:`Handle` is plain JSON-able data, so a job can persist it and any process can resume it.
 Backends know nothing of chat, jobs or credits: they receive settings and requests, and return files.
 
@@ -114,6 +121,9 @@ class GenerationRequest:
     """Everything a backend needs to animate one image.
 
     ``image_path`` is a validated RGB image already fitted to ``width × height``'s aspect.
+    ``end_image_path``, when set, is a second picture fitted the same way that the clip should end on;
+    only some models can (``Capabilities.end_frame``, per model for catalogue backends), the others
+    refuse the request by name.
     ``output_dir`` is where the backend writes its file; ``output_name`` is the file name to use there.
     ``key`` names this generation uniquely and stably (job and attempt), for providers that accept an
     idempotency key, so a retried submit never starts a second generation; ``attempt`` counts the job's
@@ -139,6 +149,39 @@ class GenerationRequest:
     key: str = ""
     attempt: int = 1
     webhook_url: str = ""
+    end_image_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """Everything a backend needs to paint one still from text (:meth:`Backend.imagine`).
+
+    ``width × height`` is the size wanted (models that take an aspect ratio instead get ``aspect`` and
+    make their own size near it); ``output_path`` is where the picture is written, as PNG. ``model``
+    names one of the backend's ``image_models`` (the first when None). ``attempt`` counts the job's
+    tries at painting from 1.
+    """
+
+    prompt: str
+    output_path: Path
+    negative_prompt: str = ""
+    aspect: Aspect = Aspect.LANDSCAPE
+    width: int = 1024
+    height: int = 576
+    seed: int = 0
+    model: str | None = None
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """A painted still: a PNG on local disk and what it cost the provider."""
+
+    image_path: Path
+    width: int
+    height: int
+    cost_usd: float = 0.0
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -206,6 +249,7 @@ class Capabilities:
     settings: tuple[str, ...] = ()
     min_short_side: int = 256
     max_long_side: int = 1920
+    end_frame: bool = False
 
     def problems(self) -> list[str]:
         """Reasons this declaration is wrong (empty when it is fine)."""
@@ -237,6 +281,8 @@ class Capabilities:
         if request.aspect not in self.aspects:
             allowed = ", ".join(sorted(a.value for a in self.aspects))
             out.append(f"aspect {request.aspect.value} is not supported (supported: {allowed})")
+        if request.end_image_path is not None and not self.end_frame:
+            out.append("an end frame is not supported (it cannot end on a given picture)")
         return out
 
 
@@ -387,6 +433,8 @@ class Backend(ABC):
     #: Whether :meth:`status` asks the provider; one that cannot be polled (a Cog server) learns how a
     #: generation went only from its webhooks, and the job system only enforces its deadline.
     pollable: ClassVar[bool] = True
+    #: The text-to-image models :meth:`imagine` can run, the default first; empty: it cannot paint.
+    image_models: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -403,6 +451,9 @@ class Backend(ABC):
             problems.append(f"capabilities must be a Capabilities instance, got {type(caps).__name__}")
         else:
             problems.extend(caps.problems())
+        images = getattr(cls, "image_models", ())
+        if not isinstance(images, tuple) or not all(isinstance(m, str) and m for m in images):
+            problems.append(f"image_models must be a tuple of model names, got {images!r}")
         if problems:
             raise BackendDeclarationError(
                 f"backend class {cls.__module__}.{cls.__qualname__} is declared wrongly: "
@@ -433,6 +484,31 @@ class Backend(ABC):
         from segments of these lengths.
         """
         return []
+
+    @classmethod
+    def end_frame_models(cls) -> list[str]:
+        """The models (``backend:model``, or the backend's name) that can end a clip on a given picture.
+
+        What refusals name as the alternatives; empty for a backend that has none to offer.
+        """
+        return []
+
+    @classmethod
+    def image_model(cls, model: str | None) -> str | None:
+        """The text-to-image model ``model`` names (the default for None or ""), or None if there is none."""
+        if not cls.image_models:
+            return None
+        if not model:
+            return cls.image_models[0]
+        return model if model in cls.image_models else None
+
+    async def imagine(self, request: ImageRequest) -> ImageResult:
+        """Paint a still from ``request.prompt`` into ``request.output_path`` and wait for it.
+
+        Raises the same error tree as the clip calls (transient errors are worth retrying). The default
+        refuses: a backend that paints sets ``image_models`` and overrides this.
+        """
+        raise UnsupportedRequest(f"{self.name} cannot paint a picture from text", backend=self.name)
 
     @abstractmethod
     async def submit(self, request: GenerationRequest) -> Handle:

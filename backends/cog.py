@@ -28,7 +28,8 @@ Cog webhooks carry no signature: the job system authenticates the URL itself (ea
 
 Which of the model's inputs get our parameters is data, not code: ``backends/data/cog.toml`` maps them
 for a generic i2v predictor, Wan 2.2 and LTX-Video, picked by the request's ``model``. A parameter the
-model cannot honour (a length outside its frame range, an unknown model) is refused by name.
+model cannot honour (a length outside its frame range, an unknown model, an end frame for a model without
+an ``end_image`` input) is refused by name.
 
 A terminal webhook carries the whole video as base64, so the web endpoint must accept bodies of about
 ``max_output_bytes`` × 4/3; alternatively run the server with ``--upload-url`` and list that host in
@@ -81,9 +82,10 @@ from backends.base import (
 from backends.downloads import host_allowed
 
 CATALOGUE_FILE = Path(__file__).parent / "data" / "cog.toml"
-INPUT_KEYS = frozenset(
-    {"image", "prompt", "negative_prompt", "num_frames", "fps", "duration", "seed", "width", "height", "resolution"}
-)
+INPUT_KEYS = frozenset({
+    "image", "end_image", "prompt", "negative_prompt", "num_frames", "fps", "duration", "seed", "width", "height",
+    "resolution",
+})
 TERMINAL = {"succeeded": State.SUCCEEDED, "failed": State.FAILED, "canceled": State.CANCELED}
 RUNNING = frozenset({"starting", "processing"})
 #: Health-check states in which the server can no longer finish work it had.
@@ -211,6 +213,7 @@ class CogBackend(Backend):
         settings=("cog_url",),
         min_short_side=256,
         max_long_side=_DEFAULT.max_long_side,
+        end_frame=any("end_image" in m.inputs for m in load_catalogue().models.values()),
     )
     pollable = False
     #: Seconds a health check is reused for, so that many running predictions cost one request.
@@ -243,7 +246,13 @@ class CogBackend(Backend):
             model = self.catalogue.model(request.model)
         except UnsupportedRequest as exc:
             return [exc.message]
-        out = [r for r in self.capabilities.refusals(request) if not r.startswith("duration")]
+        out = [r for r in self.capabilities.refusals(request) if not r.startswith(("duration", "an end frame"))]
+        if request.end_image_path is not None and not model.inputs.get("end_image"):
+            able = [name for name, m in self.catalogue.models.items() if m.inputs.get("end_image")]
+            out.append(
+                f"Cog model {model.name!r} takes no end frame (Cog models that can: {', '.join(able) or 'none'}; "
+                "map the predictor's end-frame input as `end_image` in cog.toml if it has one)"
+            )
         if model.limits is not None and not model.limits[0] <= request.duration <= model.limits[1]:
             lo, hi = model.limits
             out.append(f"duration {request.duration:g}s is outside {lo:g}..{hi:g}s for Cog model {model.name!r}")
@@ -397,6 +406,7 @@ class CogBackend(Backend):
         fps = model.fps
         values: dict[str, Any] = {
             "image": _data_uri(request.image_path),
+            "end_image": _data_uri(request.end_image_path) if request.end_image_path else None,
             "prompt": request.prompt,
             "negative_prompt": request.negative_prompt,
             "num_frames": model.frame_count(request.duration, fps),
@@ -412,7 +422,7 @@ class CogBackend(Backend):
             values["resolution"] = (fitting[0] if fitting else max((s, n) for n, s in model.resolutions.items()))[1]
         inputs = dict(model.fixed)
         for ours, theirs in names.items():
-            if theirs and not (ours == "negative_prompt" and not request.negative_prompt):
+            if theirs and values[ours] is not None and not (ours == "negative_prompt" and not request.negative_prompt):
                 inputs[theirs] = values[ours]
         return inputs
 

@@ -48,6 +48,17 @@ allowed hosts), never more than ``settings.max_output_bytes``. A clip that is no
 scaled and centre-cropped to it (the quality gate rejects any other size); one whose shape is far off is
 left as it is, for the gate to name.
 
+**End frames** go to a model's ``end_image`` field (Kling 2.1 pro's ``tail_image_url``, Hailuo's and Luma's
+``end_image_url``) as a second JPEG ``data:`` URI; a model without one refuses the request by name, listing
+those that have one.
+
+**Stills** (:meth:`FalBackend.imagine`, a prompt-only job's first picture): the catalogue's ``text-to-image``
+entries (FLUX.1 dev by default) go through the same queue: submit, poll every half second until ``COMPLETED``
+(or ``still_timeout``, then canceled and :class:`BackendTimeout`), fetch the result and download the first of
+its ``images`` under the same host and size rules. The size is sent as ``{"width", "height"}`` in the model's
+``size`` field; the picture is written as PNG. Its cost is the catalogue's per-megapixel price, billed per
+started megapixel.
+
 **Webhooks** (:meth:`FalBackend.verify_webhook`): Ed25519 over
 ``"{request_id}\n{user_id}\n{timestamp}\n{sha256(body)}"``, verified against the JWKS at
 ``settings.fal_jwks_url`` (cached 24 h; refetched once when no key verifies, at most once a minute).
@@ -62,6 +73,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import io
 import json
@@ -102,6 +114,8 @@ from backends.base import (
     GenerationRequest,
     GenerationResult,
     Handle,
+    ImageRequest,
+    ImageResult,
     InvalidRequest,
     PermanentBackendError,
     RateLimited,
@@ -124,7 +138,11 @@ DURATION_SLACK = 0.05
 #: A clip whose shape is further than this from the requested one is not cropped to it.
 CONFORM_MAX_ASPECT_ERROR = 0.2
 VIDEO_KIND = "image-to-video"
-KINDS = frozenset({VIDEO_KIND, "text-to-image", "upscale"})
+IMAGE_KIND = "text-to-image"
+KINDS = frozenset({VIDEO_KIND, IMAGE_KIND, "upscale"})
+#: Seconds a still may take in all (queue included) before it is canceled.
+STILL_TIMEOUT_S = 180.0
+STILL_POLL_S = 0.5
 
 WEBHOOK_TOLERANCE_S = 300
 JWKS_TTL_S = 24 * 3600
@@ -268,7 +286,7 @@ class Model:
         return self.kind == VIDEO_KIND
 
     def field_for(self, concept: str) -> str:
-        """The fal field for ``concept`` (``image``, ``end_image``, ``prompt``, ``negative``, ``seed``), or ``""``."""
+        """The fal field for ``concept`` (image, end_image, prompt, negative, seed, size), or ``""``."""
         return self.fields.get(concept, "")
 
     def refusals(self, request: GenerationRequest) -> list[str]:
@@ -286,7 +304,7 @@ class Model:
         if request.aspect not in self.aspects:
             allowed = ", ".join(sorted(a.value for a in self.aspects))
             out.append(f"aspect {request.aspect.value} is not supported by {self.name} (supported: {allowed})")
-        if _end_image(request) is not None and not self.field_for("end_image"):
+        if request.end_image_path is not None and not self.field_for("end_image"):
             out.append(f"an end frame is not supported by {self.name} (models with one: {_with_end_frames()})")
         return out
 
@@ -366,6 +384,11 @@ class Catalogue:
         """The image-to-video entries."""
         return [m for m in self.models.values() if m.makes_video]
 
+    @property
+    def image_models(self) -> list[Model]:
+        """The text-to-image entries (stills for prompt-only jobs)."""
+        return [m for m in self.models.values() if m.kind == IMAGE_KIND]
+
     def refusals(self, request: GenerationRequest) -> list[str]:
         """Why ``request`` cannot be made with the model it names (or the default)."""
         model = self.model(request.model)
@@ -388,6 +411,7 @@ class Catalogue:
             cost_per_second_usd=default.capabilities().cost_per_second_usd,
             needs_network=True,
             settings=("fal_key",),
+            end_frame=any(m.field_for("end_image") for m in videos),
         )
 
 
@@ -401,6 +425,8 @@ def _parse_model(model_id: str, entry: dict[str, Any]) -> Model:
         "id": model_id, "name": entry["name"], "kind": kind, "output": entry["output"], "fields": fields,
         "price": price, "fixed": dict(entry.get("fixed") or {}), "resolution": str(entry.get("resolution", "")),
     }
+    if kind == IMAGE_KIND and not fields.get("prompt"):
+        raise ValueError("a text-to-image model needs fields.prompt")
     if kind != VIDEO_KIND:
         return Model(**common)
     if not fields.get("image"):
@@ -434,12 +460,6 @@ class _FalCapabilities(Capabilities):
 
     def refusals(self, request: GenerationRequest) -> list[str]:
         return CATALOGUE.refusals(request)
-
-
-def _end_image(request: GenerationRequest) -> Path | None:
-    # GenerationRequest has no end frame yet; a future ``end_image_path`` is honoured where a model has one.
-    value = getattr(request, "end_image_path", None)
-    return Path(value) if value else None
 
 
 def _with_end_frames() -> str:
@@ -576,6 +596,22 @@ def _image_data_uri(path: Path) -> str:
     return fal_client.encode(buf.getvalue(), "image/jpeg")
 
 
+def _save_png(src: Path, dest: Path) -> tuple[int, int]:
+    """Decode a downloaded picture (JPEG, PNG, WebP…) and write it to ``dest`` as RGB PNG; its size."""
+    with Image.open(src) as im:
+        im.load()
+        rgb = im.convert("RGB")
+    rgb.save(dest, format="PNG", compress_level=1)
+    return rgb.size
+
+
+def _still_cost(price: Price, width: int, height: int) -> float:
+    """What fal bills for one still: per started megapixel, or per image."""
+    if price.per_megapixel:
+        return round(price.per_megapixel * math.ceil(width * height / 1_000_000), 4)
+    return price.per_image
+
+
 def _conform(src: Path, dst: Path, width: int, height: int) -> None:
     """Scale ``src`` to cover ``width × height`` and centre-crop to it, written to ``dst``."""
     tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.part")
@@ -602,6 +638,9 @@ class FalBackend(Backend):
     description = "image-to-video models on fal.ai (Kling, Wan, Hailuo, Luma Ray, LTX-Video, Stable Video)"
     capabilities = CATALOGUE.capabilities()
     catalogue = CATALOGUE
+    image_models = tuple(m.id for m in CATALOGUE.image_models)
+    #: Seconds :meth:`imagine` may take in all.
+    still_timeout = STILL_TIMEOUT_S
 
     def __init__(self, settings: Any, *, request_timeout: float = 60.0, server_retries: bool = True) -> None:
         super().__init__(settings)
@@ -624,6 +663,11 @@ class FalBackend(Backend):
         if entry is None or not entry.makes_video or entry.duration is None:
             return []
         return sorted(entry.duration.values)
+
+    @classmethod
+    def end_frame_models(cls) -> list[str]:
+        """``fal:<endpoint>`` for each catalogued model that can end on a given frame."""
+        return [f"{cls.name}:{m.id}" for m in CATALOGUE.video_models if m.field_for("end_image")]
 
     @classmethod
     def model_capabilities(cls, model: str | None) -> Capabilities | None:
@@ -673,7 +717,7 @@ class FalBackend(Backend):
             raise PermanentBackendError("fal needs an API key: set ANIMABOT_FAL_KEY", backend=self.name)
         if not request.image_path.is_file():
             raise InvalidRequest(f"source image {request.image_path} does not exist", backend=self.name)
-        end = _end_image(request)
+        end = request.end_image_path
         try:
             image_uri = await asyncio.to_thread(_image_data_uri, request.image_path)
             end_uri = await asyncio.to_thread(_image_data_uri, end) if end is not None else None
@@ -788,6 +832,65 @@ class FalBackend(Backend):
             metadata={"model": model.id, "request_id": handle.id, "provider_size": list(provider_size),
                       "seconds": seconds, "ignored": handle.data.get("ignored", [])},
         )
+
+    async def imagine(self, request: ImageRequest) -> ImageResult:
+        """Paint a still with a text-to-image model of the catalogue, waiting in fal's queue for it."""
+        model = CATALOGUE.model(request.model or self.image_models[0])
+        if model is None or model.kind != IMAGE_KIND:
+            known = ", ".join(m.id for m in CATALOGUE.image_models) or "none"
+            raise UnsupportedRequest(f"{request.model!r} is not a text-to-image model of fal's catalogue "
+                                     f"(known: {known})", backend=self.name)
+        if not self.settings.fal_key:
+            raise PermanentBackendError("fal needs an API key: set ANIMABOT_FAL_KEY", backend=self.name)
+        arguments: dict[str, Any] = {**dict(model.fixed), model.field_for("prompt"): request.prompt}
+        if model.field_for("seed"):
+            arguments[model.field_for("seed")] = request.seed
+        if model.field_for("negative") and request.negative_prompt:
+            arguments[model.field_for("negative")] = request.negative_prompt
+        if model.field_for("size"):
+            arguments[model.field_for("size")] = {"width": request.width, "height": request.height}
+        headers = {} if self.server_retries else {"x-fal-no-retry": "1"}
+        submitted = await self._call(self._client().submit(model.id, arguments, headers=headers),
+                                     model=model, during="submit")
+        handle = Handle(self.name, submitted.request_id, {"app": model.id})
+        deadline = time.monotonic() + self.still_timeout
+        while (report := await self.status(handle)).state in (State.QUEUED, State.RUNNING):
+            if time.monotonic() > deadline:
+                with contextlib.suppress(BackendError):
+                    await self.cancel(handle)
+                raise BackendTimeout(f"{model.name} made no picture in {self.still_timeout:g} s", backend=self.name)
+            await asyncio.sleep(STILL_POLL_S)
+        if report.state is not State.SUCCEEDED:
+            raise report.error or BackendUnavailable(f"{model.name} was {report.state.value}", backend=self.name)
+        fal_handle = await self._handle(handle, model)
+        response = await self._get(fal_handle, model=model, during="result")
+        if response.status_code >= 400:
+            raise _response_error(response, model=model, during="result")
+        try:
+            payload = response.json()
+        except ValueError as exc:
+            raise BackendUnavailable(f"fal's result for {model.name} is not JSON", backend=self.name) from exc
+        files = payload.get(model.output) if isinstance(payload, dict) else None
+        file = files[0] if isinstance(files, list) and files else files
+        if not isinstance(file, dict) or not isinstance(file.get("url"), str):
+            raise PermanentBackendError(f"fal's result for {model.name} has no {model.output!r} picture",
+                                        backend=self.name)
+        cap = int(self.settings.max_output_bytes)
+        out = request.output_path
+        out.parent.mkdir(parents=True, exist_ok=True)
+        part = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.download")
+        try:
+            await self._download(file["url"], part, cap)
+            try:
+                width, height = await asyncio.to_thread(_save_png, part, out)
+            except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+                kind = file.get("content_type") or "unknown type"
+                raise BackendUnavailable(f"{model.name}'s output ({kind}) is not a picture: {exc}",
+                                         backend=self.name) from exc
+        finally:
+            part.unlink(missing_ok=True)
+        return ImageResult(image_path=out, width=width, height=height, cost_usd=_still_cost(model.price, width, height),
+                           metadata={"model": model.id, "request_id": handle.id})
 
     async def cancel(self, handle: Handle) -> None:
         """Ask fal to cancel; a request fal no longer has or already finished is fine."""

@@ -6,6 +6,10 @@ non-blocking backend protocol. Work runs on a worker thread of the process that 
 handle names that process and the output file, so any process can tell how it stands: a finished clip
 is found by its file, a render whose process is still alive on this machine is running, and one whose
 process died is reported as lost (a transient error: the job submits again).
+
+What it cannot do, it refuses by name: an end frame (a camera move over one picture cannot arrive at
+another), naming the installed models that can, and painting a picture from text (it has no model
+weights, so a prompt-only job needs a text-to-image backend elsewhere).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from backends.base import (
     InvalidRequest,
     State,
     StatusReport,
+    UnsupportedRequest,
 )
 
 
@@ -49,12 +54,27 @@ class _Work:
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
+class _LocalCapabilities(Capabilities):
+    """Capabilities whose refusal of an end frame names the installed models that can end on one."""
+
+    def refusals(self, request: GenerationRequest) -> list[str]:
+        out = super().refusals(request)
+        if request.end_image_path is not None:
+            from backends.registry import end_frame_models  # the registry loads this module
+
+            others = ", ".join(end_frame_models()) or "none installed"
+            out = [r for r in out if not r.startswith("an end frame")]
+            out.append(f"local cannot end on a given frame: it only moves a camera over one picture "
+                       f"(models that can: {others})")
+        return out
+
+
 class LocalBackend(Backend):
     """Offline procedural animator: camera moves with easing, subject-aware framing, 24 fps H.264."""
 
     name = "local"
     description = "offline procedural camera moves (no model, no network)"
-    capabilities = Capabilities(
+    capabilities = _LocalCapabilities(
         cameras=frozenset(CameraMove),
         durations=(1.0, 60.0),
         aspects=frozenset(Aspect),
@@ -72,6 +92,8 @@ class LocalBackend(Backend):
 
     async def submit(self, request: GenerationRequest) -> Handle:
         """Start rendering on a worker thread; return at once."""
+        if request.end_image_path is not None:
+            raise UnsupportedRequest(self.refusals(request)[-1], backend=self.name)
         if not request.image_path.is_file():
             raise InvalidRequest(f"source image {request.image_path} does not exist", backend=self.name)
         out = request.output_dir / request.output_name

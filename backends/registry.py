@@ -70,6 +70,11 @@ def load_failures() -> dict[str, str]:
     return dict(_failures)
 
 
+def end_frame_models() -> list[str]:
+    """Every installed model that can end a clip on a given picture, as refusals name them."""
+    return [model for cls in backend_classes().values() for model in cls.end_frame_models()]
+
+
 def get_backend_class(name: str) -> type[Backend]:
     """The backend class called ``name``; raise :class:`UnknownBackend` if none is installed."""
     classes = _load()

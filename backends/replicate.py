@@ -28,6 +28,15 @@ How the calls map onto the HTTP API (``replicate`` 1.0.x, async methods):
   The cost is the catalogue's price per second × the clip length asked for, or, for models billed by
   hardware time, ``metrics.predict_time`` × the GPU's price per second.
 - ``cancel``: ``POST /v1/predictions/{id}/cancel``; a finished or unknown prediction is left alone.
+- ``imagine`` (a prompt-only job's still, FLUX.1 [schnell] by default: the catalogue's ``kind = "image"``
+  entries): one create with ``Prefer: wait`` (Replicate holds it until the picture is ready, at most
+  60 s), then polls until ``still_timeout`` (canceled and :class:`BackendTimeout` after it). The output
+  (PNG, WebP or JPEG; ``data:`` or a download from an allowed host) must decode as a picture; it is
+  written as PNG at the request's ``output_path``. The cost is the catalogue's ``price_per_image``.
+
+End frames: ``request.end_image_path`` goes to the model's ``end_image`` field (Kling switches to its
+"pro" mode and price, ``with_end_image``); a model without one refuses the request by name, listing the
+models of the catalogue that can.
 
 HTTP errors: 429 → :class:`RateLimited` (``retry_after`` from ``Retry-After``, else from the body's
 "available in N seconds", else 5 s); 5xx, connection errors → :class:`BackendUnavailable`; timeouts →
@@ -75,6 +84,7 @@ from typing import Any
 import certifi
 import httpx
 import replicate
+from PIL import Image
 from replicate.exceptions import ReplicateError
 from replicate.prediction import Prediction
 from replicate.webhook import (
@@ -99,6 +109,8 @@ from backends.base import (
     GenerationRequest,
     GenerationResult,
     Handle,
+    ImageRequest,
+    ImageResult,
     InvalidRequest,
     PermanentBackendError,
     RateLimited,
@@ -117,6 +129,10 @@ CATALOGUE_FILE = Path(__file__).parent / "data" / "replicate.toml"
 
 #: Start images up to this size are sent inline as ``data:`` URIs (Replicate's documented limit).
 INLINE_IMAGE_BYTES = 256 * 1024
+#: Seconds Replicate is asked to hold the create of a still (``Prefer: wait``; its maximum is 60).
+STILL_WAIT = 60
+#: Seconds a still may take in all before it is canceled and reported as timed out.
+STILL_TIMEOUT = 180.0
 #: How far a webhook's timestamp may be from now, seconds.
 WEBHOOK_TOLERANCE = 300
 #: Most webhook ids remembered for replay detection.
@@ -133,6 +149,7 @@ _REFUSAL = re.compile(
 )
 _INVALID = re.compile(r"invalid|validation|must be|too (small|large)", re.IGNORECASE)
 _VIDEO_TYPES = ("video/", "application/octet-stream", "binary/octet-stream")
+_IMAGE_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
 
 #: The ``Retry-After`` of the last 429 this task received (set by an httpx response hook: the client's
 #: ReplicateError keeps only the body).
@@ -191,6 +208,11 @@ class ModelEntry:
         """Whether this is an image-to-video model (the others are refused as such)."""
         return self.kind == "video"
 
+    @property
+    def is_image(self) -> bool:
+        """Whether this is a text-to-image model (what :meth:`ReplicateBackend.imagine` runs)."""
+        return self.kind == "image"
+
     def clip_lengths(self) -> list[tuple[float, Any]]:
         """Every clip length this model makes, in seconds, with the value sent for it, shortest first."""
         if self.duration_unit == "seconds":
@@ -213,8 +235,11 @@ class ModelEntry:
         words = [_num(s) for s in secs]
         return (", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]) + " s"
 
-    def refusals(self, request: GenerationRequest) -> list[str]:
-        """Why this model cannot honour ``request``, each reason naming the model and what would work."""
+    def refusals(self, request: GenerationRequest, *, end_frame_models: tuple[str, ...] = ()) -> list[str]:
+        """Why this model cannot honour ``request``, each reason naming the model and what would work.
+
+        ``end_frame_models`` are the catalogue's models that can end on a given frame, for the refusal.
+        """
         if not self.is_video:
             return [f"{self.id} is a {self.kind} model, not an image-to-video one"]
         out: list[str] = []
@@ -229,8 +254,9 @@ class ModelEntry:
             why = "it takes no prompt" if self.camera == "none" else "it cannot be steered that way"
             allowed = ", ".join(c.value for c in self.cameras)
             out.append(f"{self.id} cannot follow camera {request.camera.value!r} ({why}; supported: {allowed})")
-        if _end_image(request) is not None and not self.end_image:
-            out.append(f"{self.id} cannot end on a given frame (end frame not supported)")
+        if request.end_image_path is not None and not self.end_image:
+            others = ", ".join(end_frame_models) or "none in the catalogue"
+            out.append(f"{self.id} cannot end on a given frame (models that can: {others})")
         return out
 
     def build_input(self, request: GenerationRequest) -> tuple[dict[str, Any], list[str], float, float]:
@@ -246,7 +272,7 @@ class ModelEntry:
         assert length is not None, "build_input() on a refused request"
         seconds, value = length
         inp[self.start_image] = request.image_path
-        end = _end_image(request)
+        end = request.end_image_path
         if end is not None:
             inp[self.end_image] = Path(end)
             inp.update(self.with_end_image.get("inputs", {}))
@@ -283,13 +309,23 @@ class Catalogue:
         """The image-to-video entries."""
         return [m for m in self.models.values() if m.is_video]
 
+    @property
+    def image_models(self) -> list[ModelEntry]:
+        """The text-to-image entries."""
+        return [m for m in self.models.values() if m.is_image]
+
+    @property
+    def end_frame_models(self) -> tuple[str, ...]:
+        """The image-to-video models that can end on a given frame."""
+        return tuple(m.id for m in self.video_models if m.end_image)
+
     def refusals(self, request: GenerationRequest) -> list[str]:
         """Why the model ``request`` names cannot honour it."""
         entry = self.get(request.model)
         if entry is None:
             known = ", ".join(m.id for m in self.video_models)
             return [f"model {request.model!r} is not in the replicate catalogue (known: {known})"]
-        return entry.refusals(request)
+        return entry.refusals(request, end_frame_models=self.end_frame_models)
 
 
 _ENTRY_KEYS = {f for f in ModelEntry.__dataclass_fields__ if f != "id"}
@@ -341,6 +377,8 @@ def _entry(model_id: str, spec: dict[str, Any]) -> ModelEntry:
         raise ValueError(f"output must be 'uri' or 'array', not {entry.output!r}")
     if entry.is_video:
         _check_video(entry)
+    elif entry.is_image:
+        _check_image(entry)
     return entry
 
 
@@ -365,6 +403,15 @@ def _check_video(entry: ModelEntry) -> None:
         raise ValueError("prices must not be negative")
 
 
+def _check_image(entry: ModelEntry) -> None:
+    if not entry.prompt:
+        raise ValueError("a text-to-image model needs prompt (the input field of the prompt)")
+    if entry.aspect_field and not entry.aspects:
+        raise ValueError("aspect_field needs the aspects the model makes")
+    if entry.price_per_image < 0:
+        raise ValueError("prices must not be negative")
+
+
 def _num(x: float) -> str:
     return f"{x:.1f}".rstrip("0").rstrip(".")
 
@@ -374,12 +421,6 @@ def _put(inp: dict[str, Any], ignored: list[str], name: str, value: Any, what: s
         inp[name] = value
     else:
         ignored.append(what)
-
-
-def _end_image(request: GenerationRequest) -> Path | None:
-    """The end frame, for a request type that carries one (``GenerationRequest`` has no such field yet)."""
-    end = getattr(request, "end_image_path", None)
-    return Path(end) if end else None
 
 
 @dataclass(frozen=True)
@@ -413,6 +454,7 @@ def _capabilities(catalogue: Catalogue) -> CatalogueCapabilities:
         needs_network=True,
         settings=("replicate_api_token",),
         min_short_side=300,  # Kling refuses smaller images
+        end_frame=bool(catalogue.end_frame_models),
         catalogue=catalogue,
     )
 
@@ -429,6 +471,9 @@ class ReplicateBackend(Backend):
     name = "replicate"
     description = "image-to-video models hosted on Replicate (Kling, Wan, Hailuo, Luma Ray, SVD, LTX)"
     capabilities = _capabilities(CATALOGUE)
+    image_models = tuple(m.id for m in CATALOGUE.image_models)
+    #: Seconds :meth:`imagine` may take in all.
+    still_timeout = STILL_TIMEOUT
 
     def __init__(self, settings: Any, *, catalogue: Catalogue | None = None) -> None:
         super().__init__(settings)
@@ -472,6 +517,11 @@ class ReplicateBackend(Backend):
     def refusals(self, request: GenerationRequest) -> list[str]:
         """Why the model ``request.model`` names cannot honour ``request`` (empty when it can)."""
         return self.catalogue.refusals(request)
+
+    @classmethod
+    def end_frame_models(cls) -> list[str]:
+        """``replicate:<model>`` for each catalogued model that can end on a given frame."""
+        return [f"{cls.name}:{m}" for m in CATALOGUE.end_frame_models]
 
     # -- the protocol -----------------------------------------------------------------------------
 
@@ -575,6 +625,58 @@ class ReplicateBackend(Backend):
             },
         )
 
+    async def imagine(self, request: ImageRequest) -> ImageResult:
+        """Paint a still with a text-to-image model of the catalogue and wait for it (see the module docstring)."""
+        entry = self.catalogue.get(request.model or self.image_models[0])
+        if entry is None or not entry.is_image:
+            known = ", ".join(m.id for m in self.catalogue.image_models) or "none"
+            raise UnsupportedRequest(
+                f"{request.model!r} is not a text-to-image model of the replicate catalogue (known: {known})",
+                backend=self.name,
+            )
+        inp: dict[str, Any] = {**dict(entry.inputs), entry.prompt: request.prompt}
+        if entry.seed:
+            inp[entry.seed] = request.seed
+        if entry.negative and request.negative_prompt:
+            inp[entry.negative] = request.negative_prompt
+        if entry.aspect_field:
+            aspect = request.aspect if request.aspect in entry.aspects else entry.aspects[0]
+            inp[entry.aspect_field] = aspect.value
+        deadline = time.monotonic() + self.still_timeout
+        wait = max(1, min(STILL_WAIT, int(self.still_timeout)))  # never held past our own deadline
+        async with self._calls("paint a picture", model=entry.id):
+            if entry.official:
+                prediction = await self.client.models.predictions.async_create(model=entry.id, input=inp, wait=wait)
+            else:
+                prediction = await self.client.predictions.async_create(version=entry.version, input=inp, wait=wait)
+        while prediction.status in ("starting", "processing"):
+            if time.monotonic() > deadline:
+                with contextlib.suppress(BackendError):
+                    await self.cancel(Handle(self.name, prediction.id))
+                raise BackendTimeout(f"{entry.id} made no picture in {self.still_timeout:g} s", backend=self.name)
+            await asyncio.sleep(0.5)
+            async with self._calls("check a picture"):
+                prediction = await self.client.predictions.async_get(prediction.id)
+        report = self._report(prediction.status, prediction.error, None)
+        if report.state is not State.SUCCEEDED:
+            raise report.error or BackendUnavailable(f"the picture was {prediction.status}", backend=self.name)
+        url = self._output_url(prediction.output)
+        out = request.output_path
+        out.parent.mkdir(parents=True, exist_ok=True)
+        part = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.part")
+        try:
+            await self._download(url, part, kinds=_IMAGE_TYPES, what="picture")
+            try:
+                width, height = await asyncio.to_thread(_save_png, part, out)
+            except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+                raise BackendUnavailable(f"{entry.id}'s output is not a picture: {exc}", backend=self.name) from exc
+        finally:
+            part.unlink(missing_ok=True)
+        return ImageResult(
+            image_path=out, width=width, height=height, cost_usd=round(entry.price_per_image, 6),
+            metadata={"model": entry.id, "prediction": prediction.id},
+        )
+
     async def cancel(self, handle: Handle) -> None:
         """Ask Replicate to cancel; a prediction that already ended or is unknown is left alone."""
         try:
@@ -666,13 +768,15 @@ class ReplicateBackend(Backend):
         url = getattr(output, "url", output)  # a FileOutput, if a caller wrapped it
         if not isinstance(url, str) or not url:
             raise BackendUnavailable(
-                f"the model returned {type(output).__name__} {str(output)[:80]!r}, not a video URL", backend=self.name
+                f"the model returned {type(output).__name__} {str(output)[:80]!r}, not a file URL", backend=self.name
             )
         return url
 
-    async def _download(self, url: str, dest: Path) -> None:
+    async def _download(
+        self, url: str, dest: Path, *, kinds: tuple[str, ...] = _VIDEO_TYPES, what: str = "video"
+    ) -> None:
         if url.startswith("data:"):  # decoding up to max_output_bytes: off the event loop
-            await asyncio.to_thread(lambda: dest.write_bytes(self._decode_data_uri(url)))
+            await asyncio.to_thread(lambda: dest.write_bytes(self._decode_data_uri(url, kinds=kinds, what=what)))
             return
         limit = self._max_bytes
         timeout = httpx.Timeout(60.0, connect=10.0)
@@ -684,7 +788,7 @@ class ReplicateBackend(Backend):
                         if response.is_redirect:
                             url = urllib.parse.urljoin(url, response.headers.get("location", ""))
                             continue
-                        await self._save(response, dest, limit)
+                        await self._save(response, dest, limit, kinds=kinds, what=what)
                         return
                 except httpx.TimeoutException as exc:
                     raise BackendTimeout(f"downloading the output timed out: {exc}", backend=self.name) from exc
@@ -692,12 +796,14 @@ class ReplicateBackend(Backend):
                     raise BackendUnavailable(f"downloading the output failed: {exc}", backend=self.name) from exc
         raise BackendUnavailable(f"the output URL redirects more than {_MAX_REDIRECTS} times", backend=self.name)
 
-    async def _save(self, response: httpx.Response, dest: Path, limit: int) -> None:
+    async def _save(
+        self, response: httpx.Response, dest: Path, limit: int, *, kinds: tuple[str, ...], what: str
+    ) -> None:
         if response.status_code != 200:
             raise BackendUnavailable(f"downloading the output answered HTTP {response.status_code}", backend=self.name)
         kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind and not kind.startswith(_VIDEO_TYPES):
-            raise BackendUnavailable(f"the model's output is {kind}, not a video", backend=self.name)
+        if kind and not kind.startswith(kinds):
+            raise BackendUnavailable(f"the model's output is {kind}, not a {what}", backend=self.name)
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise PermanentBackendError(_too_big(int(declared), limit), backend=self.name)
@@ -723,14 +829,14 @@ class ReplicateBackend(Backend):
                 backend=self.name,
             )
 
-    def _decode_data_uri(self, uri: str) -> bytes:
+    def _decode_data_uri(self, uri: str, *, kinds: tuple[str, ...] = _VIDEO_TYPES, what: str = "video") -> bytes:
         header, sep, payload = uri[5:].partition(",")
         if not sep:
             raise BackendUnavailable("the model's output is a malformed data: URI", backend=self.name)
         kind, *params = header.split(";")
         kind = kind.strip().lower()
-        if kind and not kind.startswith(_VIDEO_TYPES):
-            raise BackendUnavailable(f"the model's output is {kind}, not a video", backend=self.name)
+        if kind and not kind.startswith(kinds):
+            raise BackendUnavailable(f"the model's output is {kind}, not a {what}", backend=self.name)
         is_base64 = "base64" in (p.strip().lower() for p in params)
         estimate = len(payload) * 3 // 4 if is_base64 else len(payload)
         if estimate > self._max_bytes:
@@ -802,6 +908,15 @@ def _retry_after_seconds(header: str | None, detail: str) -> float:
     if seconds is None or not math.isfinite(seconds):
         seconds = DEFAULT_RETRY_AFTER
     return min(max(seconds, 0.5), 600.0)
+
+
+def _save_png(src: Path, dest: Path) -> tuple[int, int]:
+    """Decode the downloaded picture (PNG, WebP, JPEG…) and write it to ``dest`` as RGB PNG; its size."""
+    with Image.open(src) as im:
+        im.load()
+        rgb = im.convert("RGB")
+    rgb.save(dest, format="PNG", compress_level=1)
+    return rgb.size
 
 
 def _too_big(size: int, limit: int, *, more: bool = False) -> str:

@@ -39,6 +39,13 @@ class Refusal(Exception):
     """The member asked for something that cannot be done; the message says what would work."""
 
 
+async def defer(interaction: discord.Interaction, *, ephemeral: bool) -> None:
+    """Acknowledge with a "thinking…" reply, remembering the reply's id (it becomes the job's status message)."""
+    callback = await interaction.response.defer(thinking=True, ephemeral=ephemeral)
+    if callback is not None and callback.message_id is not None:
+        interaction.extras["reply_id"] = callback.message_id
+
+
 async def refuse(interaction: discord.Interaction, message: str) -> None:
     """Tell only this member ``message``: replaces a public "thinking…" with an ephemeral note."""
     text = f"⚠️ {message}"
@@ -61,46 +68,55 @@ class Actions:
 
     # -- starting a job ------------------------------------------------------------------------
 
-    async def download(self, attachment: discord.Attachment) -> bytes:
-        """The attachment's bytes, from Discord's CDN only and never more than the upload cap."""
+    async def download(self, attachment: discord.Attachment, *, what: str = "picture") -> bytes:
+        """The attachment's bytes, from Discord's CDN only and never more than the upload cap.
+
+        ``what`` names it in refusals (the picture, the end frame).
+        """
         settings = self.bot.settings
         host = urlsplit(attachment.url).hostname or ""
         if host not in settings.discord_cdn_hosts:
-            raise Refusal(f"that attachment is not on Discord's CDN ({host}); upload the picture to Discord")
+            raise Refusal(f"that attachment is not on Discord's CDN ({host}); upload the {what} to Discord")
         if attachment.size > settings.max_upload_bytes:
             mib = settings.max_upload_bytes / 2**20
-            raise Refusal(f"the picture is {attachment.size / 2**20:.1f} MiB and the limit is {mib:g} MiB; "
+            raise Refusal(f"the {what} is {attachment.size / 2**20:.1f} MiB and the limit is {mib:g} MiB; "
                           "send a smaller export (a JPEG at quality 90 is usually a few MiB)")
         data = await attachment.read()
         if len(data) > settings.max_upload_bytes:
-            raise Refusal("the picture is larger than it said; send a smaller export")
+            raise Refusal(f"the {what} is larger than it said; send a smaller export")
         return data
 
     async def start(
         self,
         interaction: discord.Interaction,
         params: JobParams,
-        image: bytes,
+        image: bytes | None,
         *,
         private: bool = False,
         parent_job_id: int | None = None,
         extends: int | None = None,
+        end_image: bytes | None = None,
     ) -> None:
-        """Submit a job for this (already acknowledged) interaction; its status message is the reply."""
+        """Submit a job for this (already acknowledged) interaction; its status message is the reply.
+
+        ``image=None`` submits a prompt-only job (its picture is painted first); ``end_image`` is a picture
+        the clip should end on.
+        """
         assert interaction.guild_id is not None and interaction.channel_id is not None
-        reply = await interaction.original_response()
+        # The deferral said which message is the reply; asking Discord again costs a round trip per job.
+        reply_id = interaction.extras.get("reply_id") or (await interaction.original_response()).id
         delivery = Delivery(
             job_id=0, user_id=str(interaction.user.id), channel_id=str(interaction.channel_id),
             application_id=str(interaction.application_id), reply_token=interaction.token,
             token_expires_at=token_expiry(interaction.created_at),
-            upload_limit=interaction.filesize_limit, private=private, status_message_id=str(reply.id),
+            upload_limit=interaction.filesize_limit, private=private, status_message_id=str(reply_id),
         )
         try:
             await asyncio.to_thread(
                 submit, self.bot.db, self.bot.settings, image=image, params=params,
                 member=(str(interaction.guild_id), str(interaction.user.id)), key=f"{KEY_PREFIX}{interaction.id}",
                 channel_id=str(interaction.channel_id), parent_job_id=parent_job_id, extends=extends,
-                delivery=delivery, kick=self.bot.kick,
+                delivery=delivery, kick=self.bot.kick, end_image=end_image,
             )
         except UserError as exc:
             await refuse(interaction, exc.message)
@@ -124,7 +140,7 @@ class Actions:
     async def run(self, interaction: discord.Interaction, action: str, job_id: int) -> None:
         """Answer a click on one of a job's buttons."""
         public = action in ("retry", "extend", "vary")  # a new job: its status message is public
-        await interaction.response.defer(thinking=True, ephemeral=not public)
+        await defer(interaction, ephemeral=not public)
         try:
             job, clip = await asyncio.to_thread(self._job_and_clip, job_id)
             if job is None:
@@ -145,19 +161,34 @@ class Actions:
                          model=job.model)
         return replace(base, **changes)  # type: ignore[arg-type]
 
-    async def _source(self, job: Job) -> bytes:
+    async def _source(self, job: Job) -> bytes | None:
+        """The job's picture (a prompt-only job's painted one), or None for one whose picture was never painted."""
+        if not job.source_path and "paint" in (job.detail or {}):
+            return None  # painting it failed: the new job paints again
         path = Path(job.source_path or "")
         if not path.is_file():
             raise Refusal("the picture of that job is gone; start again with /animate")
         return await asyncio.to_thread(path.read_bytes)
 
+    async def _end_frame(self, job: Job) -> bytes | None:
+        """The end frame the job was given, if any."""
+        end = (job.detail or {}).get("end_frame")
+        if not end:
+            return None
+        path = Path(end["path"])
+        if not path.is_file():
+            raise Refusal("the end frame of that job is gone; start again with /animate")
+        return await asyncio.to_thread(path.read_bytes)
+
     async def _retry(self, interaction: discord.Interaction, job: Job, clip: Clip | None) -> None:
-        await self.start(interaction, self._params(job), await self._source(job), parent_job_id=job.id)
+        await self.start(interaction, self._params(job), await self._source(job), parent_job_id=job.id,
+                         end_image=await self._end_frame(job))
 
     async def _vary(self, interaction: discord.Interaction, job: Job, clip: Clip | None) -> None:
         moves = [m for m in CameraMove if m.value != job.camera and m is not CameraMove.STATIC]
         params = self._params(job, camera=random.choice(moves))
-        await self.start(interaction, params, await self._source(job), parent_job_id=job.id)
+        await self.start(interaction, params, await self._source(job), parent_job_id=job.id,
+                         end_image=await self._end_frame(job))
 
     async def _extend(self, interaction: discord.Interaction, job: Job, clip: Clip | None) -> None:
         if clip is None or clip.deleted:

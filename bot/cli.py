@@ -1,7 +1,7 @@
 """The ``animabot`` command: run the whole pipeline in-process on any picture, or inspect one.
 
     animabot demo                                   animate the bundled NASA astronaut portrait
-    animabot animate photo.jpg --prompt "gentle waves" --camera pan-left -o waves.mp4 [--json]
+    animabot animate photo.jpg --prompt "gentle waves" --camera pan-left -o waves.mp4 [--end-frame END] [--json]
     animabot inspect photo.jpg [--json]             validation, subject, faces and route, without generating
     animabot qc clip.mp4 [--source photo.jpg] [--json]   the quality gate's verdict on any clip
     animabot backends [--json]                      installed backends, usable or not, and why
@@ -11,7 +11,9 @@ The job system (see the README's "Running it"):
     animabot run                                    the long-running process (embedded, or front end)
     animabot worker [-c N]                          a Celery worker (scale-out), like `celery -A worker worker`
     animabot beat                                   Celery beat: polls, reaper, daily credits (scale-out)
-    animabot submit photo.jpg --prompt "…" [--member GUILD:USER] [--wait] [--json]
+    animabot submit [photo.jpg] --prompt "…" [--end-frame END] [--member GUILD:USER] [--wait] [--json]
+                                                    (no picture: one is painted from the prompt first, when a
+                                                    text-to-image model is configured)
     animabot jobs [--json]                          unfinished jobs with queue position and estimate
     animabot cancel JOB_ID                          cancel a job, its provider request and its charge
 
@@ -85,14 +87,17 @@ def _configure_logging(settings: Settings) -> Path:
     return path
 
 
-def _run_pipeline(settings: Settings, image: Path, params: JobParams, out: Path, *, show: bool) -> Any:
+def _run_pipeline(
+    settings: Settings, image: Path, params: JobParams, out: Path, *, show: bool, end_frame: Path | None = None
+) -> Any:
     from worker import events
     from worker.db import init_db
     from worker.jobs import create_job
     from worker.pipeline import Pipeline
 
     engine = init_db(settings)
-    job = create_job(engine, params, source_path=image)
+    detail = {"end_frame": {"path": str(end_frame)}} if end_frame is not None else None
+    job = create_job(engine, params, source_path=image, detail=detail)
     pipeline = Pipeline(engine, settings, progress=StageProgress(show))
 
     async def go() -> Any:
@@ -107,16 +112,19 @@ def _run_pipeline(settings: Settings, image: Path, params: JobParams, out: Path,
     return outcome
 
 
-def _animate(image: Path, params: JobParams, out: Path, *, as_json: bool) -> None:
+def _animate(image: Path, params: JobParams, out: Path, *, as_json: bool, end_frame: Path | None = None) -> None:
     settings = get_settings()
     log_path = _configure_logging(settings)
     if not image.exists():
         _fail(f"{image} does not exist; give the path of a JPEG, PNG or WebP picture")
     if image.is_dir():
         _fail(f"{image} is a folder; give the path of a JPEG, PNG or WebP picture")
+    if end_frame is not None and not end_frame.is_file():
+        _fail(f"--end-frame {end_frame} is not a file; give the path of a JPEG, PNG or WebP picture")
     try:
         params = params.checked()
-        outcome = _run_pipeline(settings, image, params, out, show=not as_json and sys.stderr.isatty())
+        outcome = _run_pipeline(settings, image, params, out, show=not as_json and sys.stderr.isatty(),
+                                end_frame=end_frame)
     except UserError as exc:
         if as_json:
             click.echo(json.dumps({"status": "rejected", "output": None, "subject": None, "backend": None,
@@ -173,11 +181,14 @@ def demo(output: Path | None, camera: str, as_json: bool) -> None:
 @click.option("--seed", type=int, default=None)
 @click.option("--negative", default="", help="What to avoid.")
 @click.option("--backend", default=None, help="Backend name (see `animabot backends`).")
+@click.option("--end-frame", type=click.Path(path_type=Path), default=None,
+              help="A picture the clip should end on (only some models can).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where to write the MP4 (default: IMAGE-animated.mp4 here).")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 def animate(image: Path, prompt: str, camera: str, motion: int | None, duration: float | None, aspect: str,
-            seed: int | None, negative: str, backend: str | None, output: Path | None, as_json: bool) -> None:
+            seed: int | None, negative: str, backend: str | None, end_frame: Path | None, output: Path | None,
+            as_json: bool) -> None:
     """Animate IMAGE in-process through the whole pipeline."""
     settings = get_settings()
     params = JobParams(
@@ -186,7 +197,7 @@ def animate(image: Path, prompt: str, camera: str, motion: int | None, duration:
         duration=settings.default_duration if duration is None else duration,
         aspect=aspect, seed=seed, negative=negative, backend=backend,
     )
-    _animate(image, params, output or Path(f"{image.stem}-animated.mp4"), as_json=as_json)
+    _animate(image, params, output or Path(f"{image.stem}-animated.mp4"), as_json=as_json, end_frame=end_frame)
 
 
 @main.command()
@@ -301,7 +312,7 @@ def backends(as_json: bool) -> None:
         caps = asdict(cls.capabilities)
         caps = {k: sorted(v) if isinstance(v, frozenset) else v for k, v in caps.items()}
         rows.append({"name": name, "description": cls.description, "usable": usable.usable,
-                     "reason": usable.reason, "capabilities": caps})
+                     "reason": usable.reason, "capabilities": caps, "image_models": list(cls.image_models)})
     for name, reason in load_failures().items():
         rows.append({"name": name, "description": "", "usable": False, "reason": f"broken: {reason}",
                      "capabilities": None})
@@ -327,8 +338,11 @@ def backends(as_json: bool) -> None:
             click.echo(
                 f"           cameras: {', '.join(caps['cameras'])}\n"
                 f"           durations {lo:g}-{hi:g}s, aspects {' '.join(caps['aspects'])}, {caps['fps']} fps, "
-                f"${caps['cost_per_second_usd']:g}/s, network: {'yes' if caps['needs_network'] else 'no'}"
+                f"${caps['cost_per_second_usd']:g}/s, network: {'yes' if caps['needs_network'] else 'no'}, "
+                f"end frames: {'yes' if caps['end_frame'] else 'no'}"
             )
+        if row.get("image_models"):
+            click.echo(f"           paints stills from text: {', '.join(row['image_models'])}")
 
 
 # -- the job system ---------------------------------------------------------------------------------
@@ -402,24 +416,32 @@ def beat(ctx: click.Context) -> None:
 
 
 @main.command()
-@click.argument("image", type=click.Path(path_type=Path))
-@click.option("--prompt", required=True, help="The motion you want.")
+@click.argument("image", type=click.Path(path_type=Path), required=False)
+@click.option("--prompt", required=True, help="The motion you want (without IMAGE: also what to paint).")
 @click.option("--camera", type=_CAMERAS, default="zoom-in", show_default=True)
 @click.option("--duration", type=float, default=None, help="Clip length in seconds.")
 @click.option("--backend", default=None, help="Backend name (see `animabot backends`).")
 @click.option("--model", default=None, help="Model of that backend.")
+@click.option("--end-frame", type=click.Path(path_type=Path), default=None,
+              help="A picture the clip should end on (only some models can).")
 @click.option("--member", default=None, help="GUILD:USER to charge (default: a free operator job).")
 @click.option("--key", default=None, help="Idempotency key: submitting it again returns the same job.")
 @click.option("--wait", is_flag=True, help="Wait for the job to end and print its outcome.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def submit(image: Path, prompt: str, camera: str, duration: float | None, backend: str | None, model: str | None,
-           member: str | None, key: str | None, wait: bool, as_json: bool) -> None:
-    """Submit IMAGE to the job system (`animabot run` or the Celery workers do it)."""
+def submit(image: Path | None, prompt: str, camera: str, duration: float | None, backend: str | None,
+           model: str | None, end_frame: Path | None, member: str | None, key: str | None, wait: bool,
+           as_json: bool) -> None:
+    """Submit IMAGE to the job system (`animabot run` or the Celery workers do it).
+
+    Without IMAGE a text-to-image model paints the picture from the prompt first (ANIMABOT_TEXT_TO_IMAGE).
+    """
     from worker.submit import submit as submit_job
 
     settings = get_settings()
-    if not image.is_file():
+    if image is not None and not image.is_file():
         _fail(f"{image} is not a file; give the path of a JPEG, PNG or WebP picture")
+    if end_frame is not None and not end_frame.is_file():
+        _fail(f"--end-frame {end_frame} is not a file; give the path of a JPEG, PNG or WebP picture")
     owner = None
     if member:
         if member.count(":") != 1:
@@ -433,8 +455,9 @@ def submit(image: Path, prompt: str, camera: str, duration: float | None, backen
     params = JobParams(prompt=prompt, camera=CameraMove(camera), backend=backend, model=model,
                        duration=settings.default_duration if duration is None else duration)
     try:
-        receipt = submit_job(db, settings, image=image.read_bytes(), params=params, member=owner, key=key,
-                             kick=kick)
+        receipt = submit_job(db, settings, image=image.read_bytes() if image is not None else None, params=params,
+                             member=owner, key=key, kick=kick,
+                             end_image=end_frame.read_bytes() if end_frame is not None else None)
     except UserError as exc:
         if as_json:
             click.echo(json.dumps({"ok": False, "error": exc.to_json()}))

@@ -1,5 +1,9 @@
 """The slash commands: ``/animate``, ``/credits``, ``/jobs``, ``/gallery`` and the admins' ``/animabot``.
 
+``/animate`` takes a picture, or only a prompt when a text-to-image model is configured (the picture is
+painted first; without one the member is told it needs a picture), and optionally an ``end_frame``
+picture the clip should end on (refused by name where no model here can).
+
 Every handler acknowledges first (Discord's 3 seconds) unless it can answer at once, and checks rights
 itself: Discord's default permissions are only a hint to the client, not a security boundary.
 """
@@ -16,9 +20,9 @@ from sqlmodel import Session, select
 from backends.base import CameraMove
 from backends.registry import backend_classes
 from bot import texts
-from bot.actions import Refusal, refuse
+from bot.actions import Refusal, defer, refuse
 from bot.buttons import cancel_view
-from worker import ledger, pricing, scheduler
+from worker import ledger, pricing, scheduler, stills
 from worker.errors import UserError
 from worker.jobs import ASPECTS, JobParams
 from worker.models import FINAL_STATES, GuildSettings, Job
@@ -37,7 +41,8 @@ def _bot(interaction: discord.Interaction) -> AnimaBot:
 
 @app_commands.command(name="animate", description="Make a picture move")
 @app_commands.describe(
-    image="The picture to animate (JPEG, PNG, WebP…)",
+    image="The picture to animate (JPEG, PNG, WebP…); leave it out to have one painted from the prompt",
+    end_frame="A picture the clip should end on (only some models can)",
     prompt="The motion you want, e.g. 'gentle waves, slow push-in'",
     camera="Camera move", motion="Motion strength, 0 (subtle) to 4 (strong)", duration="Length in seconds",
     aspect="Shape of the clip (auto follows the picture)", model="Which model makes it (prices shown)",
@@ -50,6 +55,7 @@ async def animate(
     interaction: discord.Interaction,
     prompt: app_commands.Range[str, 1, 1000],
     image: discord.Attachment | None = None,
+    end_frame: discord.Attachment | None = None,
     camera: app_commands.Choice[str] | None = None,
     motion: app_commands.Range[int, 0, 4] | None = None,
     duration: app_commands.Range[float, 1.0, 60.0] | None = None,
@@ -59,7 +65,7 @@ async def animate(
     negative: str | None = None,
     private: bool = False,
 ) -> None:
-    """Submit an animation job; the reply becomes its status message, then the clip."""
+    """Submit an animation job (prompt-only: painted first); the reply becomes its status message, then the clip."""
     bot = _bot(interaction)
     settings = bot.settings
     backend, _, model_id = (model or "").partition(":")
@@ -71,21 +77,20 @@ async def animate(
             aspect=aspect.value if aspect else "auto", seed=seed, negative=negative or "",
             backend=backend or None, model=model_id or None,
         ).checked()
+        if image is None:
+            stills.require_painter(settings)  # says what to configure when nothing can paint one
     except UserError as exc:
         await refuse(interaction, exc.message)
         return
-    if image is None:
-        await refuse(interaction, "this server has no text-to-image model, so /animate needs a picture: attach one "
-                                  "(an owner can enable text-only prompts with a Replicate or fal key)")
-        return
-    await interaction.response.defer(thinking=True, ephemeral=private)
+    await defer(interaction, ephemeral=private)
     try:
         await bot.actions.check_channel(interaction)
-        data = await bot.actions.download(image)
+        data = await bot.actions.download(image) if image is not None else None
+        ending = await bot.actions.download(end_frame, what="end frame") if end_frame is not None else None
     except Refusal as exc:
         await refuse(interaction, str(exc))
         return
-    await bot.actions.start(interaction, params, data, private=private)
+    await bot.actions.start(interaction, params, data, private=private, end_image=ending)
 
 
 @animate.autocomplete("model")

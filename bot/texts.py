@@ -11,7 +11,7 @@ from typing import Any
 from worker.events import JobEvent
 
 STATUS_ICONS = {
-    "queued": "⏳", "started": "🔎", "generating": "🎬", "retrying": "🔁", "post-processing": "🎞️",
+    "queued": "⏳", "started": "🔎", "painting": "🎨", "generating": "🎬", "retrying": "🔁", "post-processing": "🎞️",
     "succeeded": "✅", "failed": "⚠️", "canceled": "🛑",
 }
 
@@ -30,6 +30,7 @@ def status_line(event: JobEvent) -> str:
     text = {
         "queued": lambda: f"queued — position {p.get('position')}, {eta(p.get('eta_seconds', 0))}",
         "started": lambda: "looking at your picture…",
+        "painting": lambda: f"painting your picture from the prompt with **{p.get('backend')}**…",
         "generating": lambda: (f"generating on **{p.get('backend')}** (attempt {p.get('attempt')} of "
                                f"{p.get('max_attempts')})"),
         "retrying": lambda: f"{p.get('reason', 'that one did not work')}, trying again — no credits spent",
@@ -87,6 +88,11 @@ def details(job: Any, attempts: list[Any], lineage: list[int]) -> str:
     ]
     if job.negative_prompt:
         lines.append(f"negative: {job.negative_prompt}")
+    extra = job.detail or {}
+    if paint := extra.get("paint"):
+        lines.append(f"picture painted from the prompt by {paint.get('backend')}:{paint.get('model')}")
+    if "end_frame" in extra:
+        lines.append("ends on the end frame it was given")
     lines.append(f"subject: {job.subject or '?'} · backend: {job.backend or '?'} · {job.price_credits} credits")
     for a in attempts:
         why = ", ".join(a.reasons) if a.reasons else (a.error_code or "")

@@ -3,7 +3,8 @@
 One folder per job under the media folder; one file per stage output, numbered in pipeline order and
 carrying the parameters that produced it::
 
-    media/job-17/01-validate-source.jpg                     the upload, byte for byte
+    media/job-17/00-paint-replicate-black-forest-labs_flux-schnell-s42.png   a prompt-only job's picture
+    media/job-17/01-validate-source.jpg                     the upload (or that picture), byte for byte
     media/job-17/03-enhance-1280x720-crop.png               fitted to the target size
     media/job-17/06-generate-local-zoom-in-m2-s42-a1.mp4    attempt 1 of the generate stage
     media/job-17/08-post-process-24fps.mp4
@@ -28,6 +29,9 @@ STAGES = (
     "encode",
     "store",
 )
+#: Stages only some jobs run, before the numbered ones (their files are numbered 00): a prompt-only job
+#: paints its picture first.
+EARLY_STAGES = ("paint",)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9=+-]+")
 
@@ -45,9 +49,10 @@ def artifact_name(stage: str, *parts: object, ext: str) -> str:
     >>> artifact_name("generate", "local", "zoom-in", "m2", "s42", "a1", ext="mp4")
     '06-generate-local-zoom-in-m2-s42-a1.mp4'
     """
-    if stage not in STAGES:
+    if stage not in STAGES and stage not in EARLY_STAGES:
         raise ValueError(f"unknown stage {stage!r}")
-    words = [f"{STAGES.index(stage) + 1:02d}", stage]
+    number = STAGES.index(stage) + 1 if stage in STAGES else 0
+    words = [f"{number:02d}", stage]
     words += [_UNSAFE.sub("_", str(p)).strip("_") for p in parts if str(p)]
     return "-".join(words) + "." + ext.lstrip(".")
 

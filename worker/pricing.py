@@ -9,6 +9,13 @@ credit, per backend, with optional per-model overrides::
     >>> price("local", None, 5.0)
     0
 
+Two more kinds of entry:
+
+- a model's ``with_end_frame`` table prices its clips that end on a given picture, where the provider
+  charges more for them (Kling on Replicate switches to its "pro" mode); ``price(..., end_frame=True)``;
+- a text-to-image model (the still a prompt-only job starts from) is priced as a clip of 0 seconds: its
+  ``base``, :func:`still_price`.
+
 Arithmetic is decimal, so 1.1 credits/s for 10 s is 11, not 12. A backend missing from the table raises
 :class:`UnknownPrice`; a malformed table raises :class:`PriceTableError` when it is loaded.
 """
@@ -27,7 +34,8 @@ from typing import Any
 
 from worker.settings import get_settings
 
-__all__ = ["BUILTIN_PRICES", "PriceTable", "PriceTableError", "Rate", "UnknownPrice", "load_prices", "price"]
+__all__ = ["BUILTIN_PRICES", "PriceTable", "PriceTableError", "Rate", "UnknownPrice", "load_prices", "price",
+           "still_price"]
 
 #: The price table used when ``settings.prices_file`` is empty.
 BUILTIN_PRICES = Path(str(resources.files("worker") / "data" / "prices.toml"))
@@ -64,6 +72,7 @@ class PriceTable:
     backends: Mapping[str, Rate]
     models: Mapping[tuple[str, str], Rate] = field(default_factory=dict)
     source: str = "<memory>"
+    end_frame_models: Mapping[tuple[str, str], Rate] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> PriceTable:
@@ -83,6 +92,7 @@ class PriceTable:
             raise PriceTableError(f"{source}: expected only [backends.<name>] tables, got {sorted(data)}")
         rates: dict[str, Rate] = {}
         models: dict[tuple[str, str], Rate] = {}
+        end_frame: dict[tuple[str, str], Rate] = {}
         for name, entry in backends.items():
             where = f"{source}: [backends.{name}]"
             entry = dict(_table(entry, where))
@@ -90,21 +100,28 @@ class PriceTable:
             rates[name] = _rate(entry, Rate(), where)
             for model, override in model_entries.items():
                 model_where = f'{where}.models."{model}"'
-                models[(name, model)] = _rate(_table(override, model_where), rates[name], model_where)
-        return cls(backends=rates, models=models, source=source)
+                override = dict(_table(override, model_where))
+                with_end = override.pop("with_end_frame", None)
+                models[(name, model)] = _rate(override, rates[name], model_where)
+                if with_end is not None:
+                    end_where = f"{model_where}.with_end_frame"
+                    end_frame[(name, model)] = _rate(_table(with_end, end_where), models[(name, model)], end_where)
+        return cls(backends=rates, models=models, source=source, end_frame_models=end_frame)
 
-    def rate(self, backend: str, model: str | None = None) -> Rate:
-        """The rate of ``model`` on ``backend``; the backend's own rate for an unlisted model."""
+    def rate(self, backend: str, model: str | None = None, *, end_frame: bool = False) -> Rate:
+        """The rate of ``model`` on ``backend`` (ending on a given frame); the backend's own for an unlisted model."""
         if backend not in self.backends:
             listed = ", ".join(sorted(self.backends))
             raise UnknownPrice(f"no price for backend {backend!r} in {self.source}; it lists {listed}")
+        if model is not None and end_frame and (backend, model) in self.end_frame_models:
+            return self.end_frame_models[(backend, model)]
         if model is not None and (backend, model) in self.models:
             return self.models[(backend, model)]
         return self.backends[backend]
 
-    def price(self, backend: str, model: str | None, duration: float) -> int:
+    def price(self, backend: str, model: str | None, duration: float, *, end_frame: bool = False) -> int:
         """Credits for a ``duration``-second clip from ``model`` on ``backend``, rounded up."""
-        return self.rate(backend, model).cost(duration)
+        return self.rate(backend, model, end_frame=end_frame).cost(duration)
 
 
 def _table(value: Any, where: str) -> Mapping[str, Any]:
@@ -141,15 +158,28 @@ def price(
     *,
     table: PriceTable | None = None,
     overrides: Mapping[str, Any] | None = None,
+    end_frame: bool = False,
 ) -> int:
     """Credits a ``duration``-second clip costs on ``backend`` (and ``model``), rounded up.
 
     ``overrides`` are a server's own per-second prices by backend (``/animabot price``), which win
-    over the table. Uses ``table``, else the file named by ``settings.prices_file``, else the built-in
-    table. Raises :class:`UnknownPrice` for a backend the table does not list.
+    over the table. ``end_frame``: the clip ends on a given picture (a model's ``with_end_frame``
+    price, where it has one). Uses ``table``, else the file named by ``settings.prices_file``, else the
+    built-in table. Raises :class:`UnknownPrice` for a backend the table does not list.
     """
     if overrides and backend in overrides:
         return Rate(per_second=Decimal(str(overrides[backend]))).cost(duration)
     if table is None:
         table = load_prices(get_settings().prices_file)
-    return table.price(backend, model, duration)
+    return table.price(backend, model, duration, end_frame=end_frame)
+
+
+def still_price(backend: str, model: str | None, *, table: PriceTable | None = None) -> int:
+    """Credits for one still painted by text-to-image ``model`` on ``backend``: its rate's ``base``.
+
+    A server's per-second overrides do not apply (a still has no seconds). Raises :class:`UnknownPrice`
+    for a backend the table does not list.
+    """
+    if table is None:
+        table = load_prices(get_settings().prices_file)
+    return table.price(backend, model, 0.0)

@@ -10,10 +10,16 @@ backend ends every route as the fallback of last resort. An entry is skipped whe
 installed, not configured (missing settings), unhealthy, or cannot honour the requested camera,
 duration or aspect. A duration longer than a backend allows is not a reason to skip it: the pipeline
 builds such clips from segments, each continuing the last frame of the one before.
+
+A clip that must end on a given picture (an end frame) can only go to a model that takes one: after the
+subject's own entries (which are skipped, by name, if they cannot) the route tries the table's
+``end-frame`` list, the models that can; ``local`` cannot, so such a job may find no route and is then
+refused before it is charged.
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -27,6 +33,8 @@ from worker.errors import InvalidParameters
 
 ROUTES_FILE = Path(__file__).parent / "data" / "routes.toml"
 FALLBACK = "local"
+#: The table's list of models that can end on a given frame; not a subject.
+END_FRAME = "end-frame"
 
 
 @dataclass(frozen=True)
@@ -63,12 +71,21 @@ class Route:
 
 
 @lru_cache(maxsize=4)
-def load_routes(path: Path = ROUTES_FILE) -> dict[str, tuple[RouteStep, ...]]:
-    """The routing table: subject → ordered steps."""
+def _load_table(path: Path) -> dict[str, tuple[RouteStep, ...]]:
     with path.open("rb") as fh:
         raw = tomllib.load(fh)
     return {subject: tuple(_step(entry, f"{path.name} [{subject}]") for entry in entries)
             for subject, entries in raw.items()}
+
+
+def load_routes(path: Path = ROUTES_FILE) -> dict[str, tuple[RouteStep, ...]]:
+    """The routing table: subject → ordered steps."""
+    return {name: steps for name, steps in _load_table(path).items() if name != END_FRAME}
+
+
+def end_frame_steps(path: Path = ROUTES_FILE) -> tuple[RouteStep, ...]:
+    """The models a clip that must end on a given frame may go to, best first."""
+    return _load_table(path).get(END_FRAME, ())
 
 
 def _step(entry: Mapping[str, Any], where: str) -> RouteStep:
@@ -102,6 +119,9 @@ def plan_route(
     else:
         table = load_routes()
         origin, candidates = "table", list(table.get(subject) or table.get("other") or ())
+    ending = probe.end_image_path is not None
+    if ending and not backend:
+        candidates += [s for s in end_frame_steps() if all(s.label != c.label for c in candidates)]
     if not backend and all(c.backend != FALLBACK for c in candidates):
         candidates.append(RouteStep(FALLBACK, None, "fallback of last resort"))
 
@@ -117,6 +137,13 @@ def plan_route(
         problems = "; ".join(f"{s.label}: {why}" for s, why in skipped)
         if backend:
             raise InvalidParameters(f"backend {backend!r} cannot do this: {skipped[0][1]}")
+        if ending:
+            keys = sorted(set(re.findall(r"set (ANIMABOT_[A-Z0-9_]+)", problems)))
+            how = f"set {' or '.join(keys)}" if keys else problems  # the owner's fix, not every model's reason
+            raise InvalidParameters(
+                "nothing here can end a clip on a given frame; leave out the end frame, or ask the bot's owner "
+                f"to set up a model that can ({how})"
+            )
         raise InvalidParameters(f"no backend can do this ({problems}); try another camera, duration or aspect")
     return Route(subject=subject, origin=origin, steps=tuple(steps), skipped=tuple(skipped))
 

@@ -57,6 +57,12 @@ class Settings(_QualitySettings):  # type: ignore[misc,valid-type]
     default_motion: int = Field(2, ge=0, le=4, description="Motion strength 0..4 when none is asked.")
     output_fps: int = Field(24, ge=1, le=60, description="Frame rate of delivered clips.")
     output_long_side: int = Field(1280, ge=256, le=3840, description="Long side of delivered clips, px.")
+    text_to_image: str = Field(
+        "",
+        description="What paints the picture of a prompt-only job, BACKEND[:MODEL] (e.g. "
+        "replicate:black-forest-labs/flux-schnell); empty picks the first usable backend with a text-to-image "
+        "model (replicate, then fal); 'none' turns prompt-only jobs off.",
+    )
 
     max_attempts: int = Field(4, ge=1, le=20, description="Generation attempts per job, all backends together.")
     attempts_per_backend: int = Field(

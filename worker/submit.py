@@ -10,6 +10,15 @@ one transaction that writes the job, checks the member's limits (unfinished jobs
 server, cooldown) and reserves the credits. Refusals are :class:`~worker.errors.UserError` with a
 message that says what is wrong and what would work; a refused submit writes nothing and costs
 nothing. Last, the job system is told a job is ready (``kick``).
+
+Two optional inputs change what is checked and what it costs:
+
+- ``image=None``: a prompt-only job. A text-to-image model (:mod:`worker.stills`) paints the picture
+  first; the job is refused, saying what to configure, when none is available, and its price adds the
+  still's to the clip's. The painter chosen is kept on the job (``detail["paint"]``).
+- ``end_image``: a picture the clip must end on, checked like the start picture and kept on the job
+  (``detail["end_frame"]``). Only some models can; the job must have a route to one (or the backend
+  the member named must be one), else it is refused by name here, before anything is charged.
 """
 
 from __future__ import annotations
@@ -31,8 +40,8 @@ from sqlmodel import Session, select
 
 from backends.base import Aspect, GenerationRequest
 from backends.registry import UnknownBackend, get_backend_class
-from worker import imaging, ledger, postprocess, pricing, routing, scheduler
-from worker.errors import InvalidParameters, LimitReached
+from worker import imaging, ledger, postprocess, pricing, routing, scheduler, stills
+from worker.errors import ImageRejected, InvalidParameters, LimitReached
 from worker.jobs import JobParams, create_or_find_job
 from worker.models import FINAL_STATES, Account, Clip, Delivery, GuildSettings, Job, utcnow
 from worker.settings import Settings
@@ -62,7 +71,7 @@ def submit(
     db: Engine,
     settings: Settings,
     *,
-    image: bytes,
+    image: bytes | None,
     params: JobParams,
     member: tuple[str, str] | None = None,
     key: str | None = None,
@@ -71,6 +80,7 @@ def submit(
     extends: int | None = None,
     delivery: Delivery | None = None,
     kick: Kick | None = None,
+    end_image: bytes | None = None,
 ) -> Receipt:
     """Accept a job for ``member`` (guild id, user id), or refuse it with a :class:`~worker.errors.UserError`.
 
@@ -79,20 +89,29 @@ def submit(
     continues: it starts on that clip's last frame (``image`` is ignored), and the finished clip is the
     old one followed by ``params.duration`` new seconds. ``delivery`` (a chat front end's record of
     where to answer) is written with the job, so the front end never sees an event it cannot place.
+    ``image=None`` asks for a prompt-only job; ``end_image`` is a picture the clip must end on.
     """
     if key is not None and (existing := _by_key(db, key)) is not None:
         return _receipt(db, settings, existing, duplicate=True)
-    detail = None
+    detail: dict[str, Any] = {}
     if extends is not None:
-        image, params, detail = _extension(db, settings, extends, params, member)
+        image, params, extension = _extension(db, settings, extends, params, member)
+        detail.update(extension)
         parent_job_id = extends
     checked = params.checked()
-    fmt, _ = imaging.check_upload(image, settings)
-    source = _store_upload(settings, image, fmt)
+    source = None
+    if image is None:
+        detail["paint"] = stills.require_painter(settings).to_json()
+    else:
+        fmt, _ = imaging.check_upload(image, settings)
+        source = _store_upload(settings, image, fmt)
+    if end_image is not None:
+        detail["end_frame"] = {"path": str(_store_end_frame(settings, end_image))}
     guild_id = member[0] if member else None
     rules = _rules(db, settings, guild_id)
     account_id = _member_account(db, member, rules.daily_grant) if member else None
-    price = quote(settings, checked, overrides=rules.prices) if member else 0
+    price = quote(settings, checked, overrides=rules.prices, picture=image is not None,
+                  end_frame=end_image is not None) if member else 0
 
     def admit(session: Session, job: Job) -> None:
         if account_id is not None:
@@ -136,36 +155,52 @@ def _extension(
     return buf.getvalue(), replace(params, aspect=aspect), detail
 
 
-def quote(settings: Settings, params: JobParams, *, overrides: dict[str, Any] | None = None) -> int:
+def quote(
+    settings: Settings, params: JobParams, *, overrides: dict[str, Any] | None = None, picture: bool = True,
+    end_frame: bool = False,
+) -> int:
     """Credits to reserve for ``params``.
 
     The requested model's price, or the dearest first choice of any route a picture could take: the
     subject is not known until a worker has looked at the picture, and the clip is charged at the
-    price of the model that made it, never more than was reserved.
+    price of the model that made it, never more than was reserved. ``picture=False`` (prompt-only) adds
+    the still's price, or refuses when nothing can paint one; ``end_frame`` prices the clip ending on a
+    given picture and refuses, by name, when no route (or not the backend named) can honour it.
     """
+    still = 0 if picture else stills.require_painter(settings).credits
     probe = GenerationRequest(
         image_path=settings.media_path, prompt=params.prompt, output_dir=settings.media_path,
         camera=params.camera, motion=params.motion, duration=params.duration,
         aspect=Aspect.LANDSCAPE if params.aspect == "auto" else Aspect(params.aspect),
+        end_image_path=settings.media_path if end_frame else None,
     )
     if params.backend:
         _backend_exists(params.backend)
         # A combination the chosen model cannot honour is refused now, by name, not after queueing.
         routing.plan_route("unknown", probe, settings, backend=params.backend, model=params.model)
         try:
-            return pricing.price(params.backend, params.model, params.duration, overrides=overrides)
+            return still + pricing.price(params.backend, params.model, params.duration, overrides=overrides,
+                                         end_frame=end_frame)
         except pricing.UnknownPrice:
             raise InvalidParameters(
                 f"backend {params.backend!r} has no price, so it cannot be charged; add it to the price table"
             ) from None
-    prices = []
-    for subject in routing.load_routes():
+    subjects = routing.load_routes()
+    prices, refused = [], []
+    for subject in subjects:
         try:
             first = routing.plan_route(subject, probe, settings).steps[0]
-            prices.append(pricing.price(first.backend, first.model, params.duration, overrides=overrides))
-        except (InvalidParameters, pricing.UnknownPrice):
+        except InvalidParameters as exc:
+            refused.append(exc)
             continue
-    return max(prices, default=0)
+        try:
+            prices.append(pricing.price(first.backend, first.model, params.duration, overrides=overrides,
+                                        end_frame=end_frame))
+        except pricing.UnknownPrice:
+            continue
+    if refused and len(refused) == len(subjects):
+        raise refused[0]  # whatever the picture shows, nothing here can do it
+    return still + max(prices, default=0)
 
 
 def _backend_exists(name: str) -> None:
@@ -255,6 +290,15 @@ def _member_account(db: Engine, member: tuple[str, str], daily_grant: int) -> in
         assert account.id is not None
         ledger.daily_grant(session, account.id, daily_grant)
         return account.id
+
+
+def _store_end_frame(settings: Settings, data: bytes) -> Path:
+    """Check the end frame's header like the start picture's, and keep it like an upload."""
+    try:
+        fmt, _ = imaging.check_upload(data, settings)
+    except ImageRejected as exc:
+        raise ImageRejected(f"the end frame cannot be used: {exc.message}", code=exc.code) from None
+    return _store_upload(settings, data, fmt)
 
 
 def _store_upload(settings: Settings, data: bytes, fmt: str) -> Any:

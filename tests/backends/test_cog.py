@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -415,7 +416,33 @@ async def test_the_inputs_follow_the_catalogue(receiver, picture, tmp_path):
         await backend.cancel(generic)
 
 
+async def test_an_end_frame_reaches_a_model_that_maps_one(receiver, picture, tmp_path):
+    """A catalogue entry with an `end_image` input gets the end frame as a second data: URI."""
+    generic = load_catalogue().models["i2v"]
+    ending = dataclasses.replace(generic, inputs={**generic.inputs, "end_image": "last_image"})
+    catalogue = dataclasses.replace(load_catalogue(), models={**load_catalogue().models, "i2v": ending})
+    async with CogEmulator(slots=2) as emu:
+        backend = make_backend(emu.url, tmp_path, catalogue=catalogue)
+        handle = await backend.submit(make_request(picture, tmp_path, receiver, prompt="waves [hang]",
+                                                   end_image_path=ASSETS / "astronaut.png"))
+        sent = emu.predictions[handle.id].input
+        assert sent["last_image"] == "data:image/png;base64," + base64.b64encode(
+            (ASSETS / "astronaut.png").read_bytes()).decode()
+        await backend.cancel(handle)
+
+
 # -- without a server ---------------------------------------------------------------------------------
+
+
+async def test_an_end_frame_is_refused_by_name_where_the_model_takes_none(picture, tmp_path, receiver):
+    """The built-in entries map no end-frame input: refused before the server is asked, saying how to add one."""
+    backend = make_backend("http://127.0.0.1:9", tmp_path)
+    request = make_request(picture, tmp_path, receiver, end_image_path=picture)
+    [why] = backend.refusals(request)
+    assert why.startswith("Cog model 'i2v' takes no end frame (Cog models that can: none;")
+    with pytest.raises(UnsupportedRequest, match="takes no end frame"):
+        await backend.submit(request)
+    assert CogBackend.capabilities.refusals(request)  # routing skips cog for such a job
 
 async def test_submit_without_a_webhook_url_is_refused_by_name(picture, tmp_path):
     """No public URL, no webhooks, no way to learn the result: refused, saying what to set."""

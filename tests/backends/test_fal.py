@@ -23,6 +23,7 @@ from backends.base import (
     ContentRefused,
     GenerationRequest,
     Handle,
+    ImageRequest,
     InvalidRequest,
     PermanentBackendError,
     RateLimited,
@@ -221,6 +222,38 @@ async def test_what_a_model_cannot_honour_is_refused_by_name_before_any_call(bac
 
     assert any(phrase in r for r in FalBackend.capabilities.refusals(request))  # what routing asks
     assert emu.requests == []
+
+
+async def test_an_end_frame_is_refused_by_name_where_the_model_takes_none(backend, emu, picture):
+    """Kling 2.1 standard has no tail image: refused before any call, naming the models that have one."""
+    request = make_request(picture, end_image_path=picture)
+    phrase = ("an end frame is not supported by Kling 2.1 standard (models with one: Kling 2.1 pro, "
+              "MiniMax Hailuo-02 standard, Luma Ray 2 Flash)")
+    with pytest.raises(UnsupportedRequest, match=re.escape(phrase)):
+        await backend.submit(request)
+    assert phrase in FalBackend.capabilities.refusals(request)  # what routing asks
+    assert emu.requests == []
+
+
+@pytest.mark.parametrize(("model", "duration", "field"), [
+    ("fal-ai/kling-video/v2.1/pro/image-to-video", 5.0, "tail_image_url"),
+    (HAILUO, 6.0, "end_image_url"),
+    (LUMA, 5.0, "end_image_url"),
+], ids=["kling-pro", "hailuo", "luma"])
+async def test_an_end_frame_goes_to_each_models_own_field(backend, emu, picture, tmp_path, model, duration, field):
+    """The end frame travels as a second JPEG data: URI in the model's own field, which fal accepts."""
+    end = tmp_path / "end.png"
+    Image.fromarray(np.full((144, 256, 3), (200, 40, 90), np.uint8)).save(end)
+    handle = await backend.submit(make_request(picture, model=model, duration=duration, end_image_path=end))
+
+    job = emu.jobs[handle.id]
+    assert job.unknown == []
+    assert job.arguments["image_url"].startswith("data:image/jpeg;base64,")
+    assert job.arguments[field].startswith("data:image/jpeg;base64,")
+    assert job.arguments[field] != job.arguments["image_url"]
+    await emu.finish(handle.id)
+    assert (await backend.status(handle)).state is State.SUCCEEDED
+    assert f"fal:{model}" in FalBackend.end_frame_models()
 
 
 async def test_without_a_key_nothing_is_sent(tmp_path, emu, picture):
@@ -548,6 +581,68 @@ async def test_unreachable_signing_keys_ask_fal_to_retry(tmp_path, emu, picture)
     assert delivery.status == 503 and "cannot fetch fal's webhook keys" in delivery.answer
     await hooks.runner.cleanup()
     await fal.aclose()
+
+
+# -- stills (text-to-image) ----------------------------------------------------------------------------
+
+
+def still(tmp_path: Path, **overrides: Any) -> ImageRequest:
+    values: dict[str, Any] = {"prompt": "a lighthouse at dusk", "output_path": tmp_path / "still.png",
+                              "width": 1280, "height": 720, "seed": 11}
+    return ImageRequest(**{**values, **overrides})
+
+
+async def test_imagine_paints_a_still_with_flux_dev_through_the_queue(backend, emu, tmp_path):
+    """FLUX.1 dev by default: size and seed in its own fields, queued, polled, the picture written as PNG."""
+    emu.queue_positions, emu.running_polls = (1,), 1
+    result = await backend.imagine(still(tmp_path))
+
+    [job] = emu.jobs.values()
+    assert job.app == "fal-ai/flux/dev" and job.unknown == []
+    assert job.arguments == {"prompt": "a lighthouse at dusk", "seed": 11, "image_size": {"width": 1280, "height": 720},
+                             "num_inference_steps": 28, "guidance_scale": 3.5, "num_images": 1}
+    assert emu.count("GET", r"/status$") == 3  # queued, running, completed
+    with Image.open(result.image_path) as im:
+        assert (im.format, im.mode, im.size) == ("PNG", "RGB", (1280, 720))
+    assert result.cost_usd == pytest.approx(0.025)  # one started megapixel
+    assert FalBackend.image_models == ("fal-ai/flux/dev",)
+
+
+async def test_a_hosted_still_is_downloaded_from_allowed_hosts_only(tmp_path, emu):
+    """A still on fal's file host is fetched like a clip: from an allowed host, else refused for good."""
+    emu.output = "hosted"
+    allowed = FalBackend(settings_for(tmp_path, emu), request_timeout=5.0)
+    elsewhere = FalBackend(settings_for(tmp_path, emu, provider_download_hosts=["fal.media"]), request_timeout=5.0)
+    try:
+        assert (await allowed.imagine(still(tmp_path, width=512, height=288))).width == 512
+        with pytest.raises(PermanentBackendError, match="not an allowed download host"):
+            await elsewhere.imagine(still(tmp_path, output_path=tmp_path / "other.png"))
+    finally:
+        await allowed.aclose()
+        await elsewhere.aclose()
+
+
+@pytest.mark.parametrize(("outcome", "kind", "phrase"), [
+    ("refuse", ContentRefused, "flagged by the content checker"),
+    ("fail", BackendUnavailable, "500"),
+    ("not_video", BackendUnavailable, "is not a picture"),
+])
+async def test_a_failed_still_raises_its_classified_error(backend, emu, tmp_path, outcome, kind, phrase):
+    """Moderation is permanent; an outage or output that is no picture is worth another try."""
+    emu.script(outcome)
+    with pytest.raises(kind, match=phrase):
+        await backend.imagine(still(tmp_path))
+    assert not (tmp_path / "still.png").exists()
+
+
+async def test_a_still_that_takes_too_long_is_canceled_and_times_out(backend, emu, tmp_path):
+    """Past still_timeout the request is canceled in fal's queue and the error is a (transient) timeout."""
+    backend.still_timeout = 0.2
+    emu.script("hang")
+    with pytest.raises(BackendTimeout, match="made no picture"):
+        await backend.imagine(still(tmp_path))
+    [job] = emu.jobs.values()
+    assert job.canceled
 
 
 # -- the catalogue -------------------------------------------------------------------------------------

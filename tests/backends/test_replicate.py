@@ -21,11 +21,13 @@ from replicate.helpers import FileOutput
 from backends import video
 from backends.base import (
     Aspect,
+    BackendTimeout,
     BackendUnavailable,
     CameraMove,
     ContentRefused,
     GenerationRequest,
     Handle,
+    ImageRequest,
     InvalidRequest,
     PermanentBackendError,
     RateLimited,
@@ -212,18 +214,33 @@ async def test_what_a_model_cannot_do_is_refused_by_name_before_any_call(
     assert emu.calls == []
 
 
-def test_an_end_frame_is_refused_where_the_model_takes_none(picture, tmp_path):
-    """A request carrying an end frame is refused by models without an end-image field."""
-    @dataclasses.dataclass(frozen=True)
-    class WithEnd(GenerationRequest):
-        end_image_path: Path | None = None
+async def test_an_end_frame_is_refused_by_name_where_the_model_takes_none(backend, emu, picture, tmp_path):
+    """Hailuo has no end-image field: refused before any call, naming the models that can."""
+    request = req(picture, tmp_path, model="minimax/hailuo-02", duration=6.0, end_image_path=picture)
+    expected = ("minimax/hailuo-02 cannot end on a given frame "
+                "(models that can: kwaivgi/kling-v2.1, luma/ray-flash-2-540p)")
+    assert CATALOGUE.refusals(request) == [expected]
+    assert ReplicateBackend.capabilities.refusals(request) == [expected]  # what routing asks
+    with pytest.raises(UnsupportedRequest, match="cannot end on a given frame"):
+        await backend.submit(request)
+    assert emu.calls == []
 
-    request = WithEnd(image_path=picture, prompt="p", output_dir=tmp_path, model="minimax/hailuo-02", duration=6,
-                      end_image_path=picture)
-    assert CATALOGUE.refusals(request) == ["minimax/hailuo-02 cannot end on a given frame (end frame not supported)"]
-    kling = dataclasses.replace(request, model="kwaivgi/kling-v2.1", duration=5.0)
-    inp, _, _, price = CATALOGUE.models["kwaivgi/kling-v2.1"].build_input(kling)
-    assert inp["end_image"] == picture and inp["mode"] == "pro" and price == 0.09
+
+async def test_an_end_frame_reaches_klings_end_image_in_pro_mode(backend, emu, picture, tmp_path):
+    """Kling takes the end frame in its pro mode, at its pro price; the API receives both pictures."""
+    ys, xs = np.mgrid[0:360, 0:640]
+    end = tmp_path / "end.png"
+    Image.fromarray(np.dstack([ys * 255 // 360, xs * 255 // 640, (xs * ys) % 256]).astype(np.uint8)).save(end)
+    handle = await backend.submit(req(picture, tmp_path, end_image_path=end))
+
+    [create] = emu.creates
+    sent = create.json["input"]
+    assert sent["start_image"] == "data:image/png;base64," + base64.b64encode(picture.read_bytes()).decode()
+    assert sent["end_image"] == "data:image/png;base64," + base64.b64encode(end.read_bytes()).decode()
+    assert sent["mode"] == "pro"
+    assert (await finish(backend, handle))[0].state is State.SUCCEEDED
+    assert (await backend.result(handle)).cost_usd == pytest.approx(0.09 * 5)
+    assert ReplicateBackend.end_frame_models() == ["replicate:kwaivgi/kling-v2.1", "replicate:luma/ray-flash-2-540p"]
 
 
 def test_capabilities_are_the_union_of_the_catalogue(tmp_path):
@@ -255,6 +272,81 @@ def test_a_malformed_catalogue_says_what_is_wrong(tmp_path, text, problem):
     with pytest.raises(CatalogueError, match=r"replicate\.toml") as caught:
         load_catalogue(path)
     assert problem in str(caught.value)
+
+
+# -- stills (text-to-image) ------------------------------------------------------------------------
+
+
+def still(tmp_path: Path, **kw) -> ImageRequest:
+    kw.setdefault("prompt", "a lighthouse at dusk")
+    return ImageRequest(output_path=tmp_path / "still" / "picture.png", **kw)
+
+
+async def test_imagine_paints_a_still_with_flux_schnell_and_waits_for_it(backend, emu, tmp_path):
+    """FLUX.1 [schnell] is the default: one create held with Prefer: wait, the picture written as PNG."""
+    result = await backend.imagine(still(tmp_path, aspect=Aspect.PORTRAIT, seed=11, negative_prompt="blur"))
+
+    [create] = emu.creates
+    assert create.path == "/v1/models/black-forest-labs/flux-schnell/predictions"
+    assert create.headers["Prefer"] == "wait=60"
+    assert create.json["input"] == {"prompt": "a lighthouse at dusk", "seed": 11, "aspect_ratio": "9:16",
+                                    "num_outputs": 1, "output_format": "png"}  # flux takes no negative prompt
+    assert [c.method for c in emu.calls] == ["POST"]  # the held create answered with the picture
+    with Image.open(result.image_path) as im:
+        assert (im.format, im.mode, im.size) == ("PNG", "RGB", (288, 512))
+    assert (result.width, result.height, result.cost_usd) == (288, 512, 0.003)
+    assert result.metadata["model"] == "black-forest-labs/flux-schnell"
+    assert ReplicateBackend.image_models == ("black-forest-labs/flux-schnell",)
+
+
+@pytest.mark.parametrize("outcome, output_format", [("ok", "webp"), ("ok", "jpg"), ("url", "webp")])
+async def test_a_still_in_any_format_or_at_a_url_is_written_as_png(emu, tmp_path, monkeypatch, outcome,
+                                                                    output_format):
+    """WebP and JPEG outputs, inline or downloaded from an allowed host, all end up as the same PNG."""
+    entry = CATALOGUE.models["black-forest-labs/flux-schnell"]
+    formats = dataclasses.replace(entry, inputs={**entry.inputs, "output_format": output_format})
+    catalogue = dataclasses.replace(CATALOGUE, models={**CATALOGUE.models, entry.id: formats})
+    backend = ReplicateBackend(make_settings(emu, tmp_path), catalogue=catalogue)
+    emu.script(outcome)
+    try:
+        result = await backend.imagine(still(tmp_path))
+    finally:
+        await backend.aclose()
+    with Image.open(result.image_path) as im:
+        assert (im.format, im.size) == ("PNG", (512, 288))
+    if outcome == "url":
+        assert any(c.path.startswith("/delivery/") for c in emu.calls)
+
+
+@pytest.mark.parametrize("outcome, kind, words", [
+    ("refuse", ContentRefused, "flagged as sensitive"),
+    ("fail", BackendUnavailable, "out of memory"),
+    ("garbage", BackendUnavailable, "not a picture"),
+    ("null", BackendUnavailable, "no output"),
+])
+async def test_a_failed_still_raises_its_classified_error(backend, emu, tmp_path, outcome, kind, words):
+    """What went wrong is classified as for clips: moderation is permanent, an outage or bad output transient."""
+    emu.script(outcome)
+    with pytest.raises(kind, match=words):
+        await backend.imagine(still(tmp_path))
+    assert not (tmp_path / "still" / "picture.png").exists()
+
+
+async def test_a_still_that_takes_too_long_is_canceled_and_times_out(backend, emu, tmp_path):
+    """Past still_timeout the prediction is canceled at Replicate and the error is a (transient) timeout."""
+    backend.still_timeout = 0.3
+    emu.script("hang")
+    with pytest.raises(BackendTimeout, match="made no picture"):
+        await backend.imagine(still(tmp_path))
+    [prediction] = emu.predictions.values()
+    assert prediction.canceled_at is not None
+
+
+async def test_only_text_to_image_models_paint(backend, emu, tmp_path):
+    """A video model named as the painter is refused by name; nothing reaches Replicate."""
+    with pytest.raises(UnsupportedRequest, match=r"'kwaivgi/kling-v2\.1' is not a text-to-image model"):
+        await backend.imagine(still(tmp_path, model="kwaivgi/kling-v2.1"))
+    assert emu.calls == []
 
 
 # -- failures and faults ----------------------------------------------------------------------------

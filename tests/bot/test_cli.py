@@ -168,3 +168,29 @@ def test_inspect_shows_subject_faces_and_route(tmp_path):
     assert data["subject"]["kind"] == "portrait" and data["subject"]["faces"]
     assert [s["backend"] for s in data["route"]["steps"]] == ["local"]
     assert {s["backend"] for s in data["route"]["skipped"]} >= {"replicate", "fal"}
+
+
+def test_submit_without_a_picture_queues_a_prompt_only_job_when_something_can_paint(tmp_path):
+    """No IMAGE: with a text-to-image model the job is queued at the clip's and the still's price; else refused."""
+    painted = animabot("submit", "--prompt", "a lighthouse at dusk", "--backend", "fake", "--duration", "1",
+                       "--member", "g1:u1", "--json", cwd=tmp_path, ANIMABOT_TEXT_TO_IMAGE="fake")
+    assert painted.returncode == 0, painted.stderr
+    receipt = json.loads(painted.stdout)
+    assert receipt["ok"] and receipt["price_credits"] == 1 + 1
+
+    refused = animabot("submit", "--prompt", "a lighthouse at dusk", cwd=tmp_path, ANIMABOT_TEXT_TO_IMAGE="none")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "needs a picture" in refused.stderr
+
+
+def test_submit_with_an_end_frame_the_backend_cannot_honour_is_refused_by_name(tmp_path):
+    """--end-frame goes through the same checks as Discord's end_frame: refused by name, with exit code 2."""
+    refused = animabot("submit", str(SAMPLE), "--prompt", "p", "--backend", "local", "--end-frame", str(SAMPLE),
+                       "--member", "g1:u1", cwd=tmp_path)
+    assert refused.returncode == 2 and "local cannot end on a given frame" in refused.stderr
+    accepted = animabot("submit", str(SAMPLE), "--prompt", "p", "--backend", "fake", "--duration", "1",
+                        "--end-frame", str(SAMPLE), "--member", "g1:u1", "--json", cwd=tmp_path)
+    assert accepted.returncode == 0, accepted.stderr
+    assert json.loads(accepted.stdout)["ok"]
+    missing = animabot("submit", str(SAMPLE), "--prompt", "p", "--end-frame", "nope.png", cwd=tmp_path)
+    assert missing.returncode == 2 and "--end-frame nope.png is not a file" in missing.stderr

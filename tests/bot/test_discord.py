@@ -350,3 +350,45 @@ async def test_extend_continues_the_clip_from_its_last_frame(emu, bot):  # about
     with Session(bot.db) as s:
         clip = s.exec(select(Clip).where(Clip.job_id == extension.id)).one()
     assert clip.duration == pytest.approx(4 + 5 - bot.settings.stitch_overlap, abs=0.05)
+
+
+async def test_a_prompt_without_a_picture_is_painted_first_then_animated(emu, bot, settings):
+    """With a text-to-image model configured, /animate with only a prompt paints a picture and delivers its clip."""
+    from worker import events
+
+    await bot.stop()
+    bot.settings = settings.model_copy(update={"text_to_image": "fake"})
+    await bot.start()
+    inter = emu.send_slash(emu.alice, emu.general, "animate", {"prompt": "a lighthouse at dusk", "model": "fake"})
+    message = await _clip_message(emu, emu.general)
+
+    assert inter.acked_type == 5 and message.id == inter.original.id
+    assert message.files["animation.mp4"][4:8] == b"ftyp"
+    [job] = _jobs(bot)
+    assert job.detail["paint"] == {"backend": "fake", "model": "still", "credits": 1, "tries": 1, "cost_usd": 0.0}
+    assert Path(job.source_path).name == "01-validate-source.png"
+    assert "painting" in [e.kind for e in events.history(bot.db, job.id)]
+    assert bot.credits(emu.alice.id) == ledger.Balance(available=10 - 2, held=0)  # the still and 1 s on fake
+
+
+async def test_an_end_frame_is_downloaded_and_sent_to_a_model_that_can_end_on_it(emu, bot):
+    """`end_frame:` is fetched from the CDN like the picture and kept with the job; the clip arrives."""
+    end = _picture(320)
+    emu.send_slash(emu.alice, emu.general, "animate", {"prompt": "p", "model": "fake"},
+                   attachments={"image": ("a.png", PICTURE), "end_frame": ("end.png", end)})
+    await _clip_message(emu, emu.general)
+    [job] = _jobs(bot)
+    assert job.state == "succeeded"
+    assert Path(job.detail["end_frame"]["path"]).read_bytes() == end
+    assert Path(job.detail["end_frame"]["fitted"]).name == "03-enhance-end-256x256-crop.png"
+
+
+async def test_an_end_frame_the_chosen_model_cannot_honour_is_refused_by_name_for_free(emu, bot):
+    """local cannot end on a given frame: only the member sees why (and which models can); nothing is charged."""
+    inter = emu.send_slash(emu.alice, emu.general, "animate", {"prompt": "p", "model": "local"},
+                           attachments={"image": ("a.png", PICTURE), "end_frame": ("end.png", PICTURE)})
+    await emu.wait_for(lambda: _ephemeral(emu, emu.general))
+    [refusal] = _ephemeral(emu, emu.general)
+    assert "local cannot end on a given frame" in refusal.content and "kwaivgi/kling-v2.1" in refusal.content
+    assert inter.acked_type == 5 and _jobs(bot) == []
+    assert bot.credits(emu.alice.id) == ledger.Balance(available=10, held=0)

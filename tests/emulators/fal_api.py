@@ -25,6 +25,9 @@ outcomes                    ``script(*outcomes)`` queues them, one per submit; a
                             JSON without the file), ``not_video`` (a file that is not a video)
 progress                    ``queue_positions`` (one IN_QUEUE answer per poll), ``running_polls`` (IN_PROGRESS answers),
                             then COMPLETED; ``await finish(request_id)`` completes at once
+stills                      a text-to-image app (``fal-ai/flux/dev``) answers ``{"images": [{url, width, height,
+                            content_type}]}``: a JPEG painted from the prompt and seed (``backends.fake.paint_picture``)
+                            at ``image_size`` (``{"width", "height"}`` or a named size such as ``landscape_16_9``)
 outputs                     ``output = "data"`` (``data:video/mp4;base64,…``) or ``"hosted"`` (``GET /files/{name}`` on
                             the emulator); ``file_chunked`` (no Content-Length), ``file_redirect`` (302 there first),
                             ``declare_file_size`` (``file_size`` in the result)
@@ -87,6 +90,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from PIL import Image
 
+from backends.fake import paint_picture
 from backends.video import VideoWriter
 
 __all__ = ["APPS", "AppSpec", "Delivery", "FalEmulator", "Job", "Request"]
@@ -107,11 +111,13 @@ class AppSpec:
     bools: tuple[str, ...] = ()
     strings: tuple[str, ...] = ("prompt", "negative_prompt")
     output: str = "video"
+    sizes: tuple[str, ...] = ()  # fields taking a named size or {"width", "height"}
 
     @property
     def known(self) -> set[str]:
         """Every field the app takes."""
-        return {*self.required, *self.images, *self.enums, *self.ints, *self.numbers, *self.bools, *self.strings}
+        return {*self.required, *self.images, *self.enums, *self.ints, *self.numbers, *self.bools, *self.strings,
+                *self.sizes}
 
 
 _KLING = AppSpec(required=("prompt", "image_url"), enums={"duration": ("5", "10")}, numbers={"cfg_scale": (0, 1)})
@@ -145,9 +151,13 @@ APPS: dict[str, AppSpec] = {
         numbers={"cond_aug": (0, 10)}, strings=()),
     "fal-ai/flux/dev": AppSpec(
         required=("prompt",), images=(), ints={"seed": _SEED, "num_inference_steps": (1, 50), "num_images": (1, 4)},
-        numbers={"guidance_scale": (1, 20)}, strings=("prompt", "image_size"), output="images"),
+        numbers={"guidance_scale": (1, 20)}, strings=("prompt",), sizes=("image_size",), output="images"),
     "fal-ai/esrgan": AppSpec(required=("image_url",), numbers={"scale": (1, 8)}, strings=("model",), output="image"),
 }
+
+#: fal's named image sizes (FLUX), as (width, height).
+NAMED_SIZES = {"square_hd": (1024, 1024), "square": (512, 512), "portrait_4_3": (768, 1024),
+               "portrait_16_9": (576, 1024), "landscape_4_3": (1024, 768), "landscape_16_9": (1024, 576)}
 
 # COMPLETED + error: (error, error_type, result status, result detail, result headers).
 _FAILURES: dict[str, tuple[str, str | None, int, Any, dict[str, str]]] = {
@@ -618,6 +628,8 @@ class FalEmulator:
         spec = APPS[job.app]
         if job.outcome == "no_video":
             return {"seed": 42, "timings": {"inference": 0.1}}
+        if spec.output == "images" and job.outcome != "not_video":
+            return await asyncio.to_thread(self._still, job)
         if job.outcome == "not_video":
             data = b"<html><body>upstream error</body></html>" * 8
         else:
@@ -634,6 +646,23 @@ class FalEmulator:
         if self.declare_file_size:
             file["file_size"] = len(data)
         return {spec.output: [file] if spec.output == "images" else file, "seed": 42}
+
+    def _still(self, job: Job) -> dict[str, Any]:
+        """A text-to-image result: one JPEG painted from the prompt at the asked size."""
+        size = job.arguments.get("image_size", "landscape_4_3")
+        width, height = (size["width"], size["height"]) if isinstance(size, dict) else NAMED_SIZES[size]
+        seed = int(job.arguments.get("seed", 42))
+        buf = io.BytesIO()
+        Image.fromarray(paint_picture(str(job.arguments["prompt"]), seed, width, height)).save(buf, "JPEG", quality=90)
+        data = buf.getvalue()
+        name = f"{job.id}.jpg"
+        if self.output == "hosted":
+            self.files[name] = (data, "image/jpeg")
+            url = f"{self.base_url}/files/{name}"
+        else:
+            url = "data:image/jpeg;base64," + base64.b64encode(data).decode()
+        image = {"url": url, "width": width, "height": height, "content_type": "image/jpeg"}
+        return {"images": [image], "seed": seed, "has_nsfw_concepts": [False], "prompt": job.arguments["prompt"]}
 
     async def _file(self, request: web.Request, name: str) -> web.StreamResponse:
         if name not in self.files:
@@ -687,4 +716,12 @@ def _validate(spec: AppSpec, args: dict[str, Any]) -> list[dict[str, Any]]:
             error(name, "Input should be a valid boolean", "bool_type")
         elif name in spec.strings and not isinstance(value, str):
             error(name, "Input should be a valid string", "string_type")
+        elif name in spec.sizes:
+            named = isinstance(value, str) and value in NAMED_SIZES
+            custom = (isinstance(value, dict) and set(value) == {"width", "height"}
+                      and all(isinstance(v, int) and not isinstance(v, bool) and 16 <= v <= 14142
+                              for v in value.values()))
+            if not (named or custom):
+                error(name, "Input should be one of " + ", ".join(f"'{n}'" for n in NAMED_SIZES)
+                      + " or an object with integer width and height", "image_size")
     return errors

@@ -23,6 +23,7 @@ Test API (synchronous unless marked async):
 outcomes                            ``script(*outcomes)``: consumed one per create, then ``"ok"``; an
                                     outcome is a name or ``Outcome(name, latency=, start_delay=, error=)``
                                     ``ok``        succeeded with a real H.264 clip of the input image
+                                                  (a text-to-image model: a picture, see "stills")
                                     ``frozen``    …a clip whose frames never change
                                     ``flicker``   …a clip whose brightness jumps every frame
                                     ``url``       ``ok``, the clip as ``http://127.0.0.1/delivery/...``
@@ -38,6 +39,11 @@ outcomes                            ``script(*outcomes)``: consumed one per crea
                                     ``refuse``    failed, Replicate's E005 "flagged as sensitive" text
                                     ``invalid``   failed, an input the model rejects
                                     ``hang``      processing forever
+stills                              text-to-image models (FLUX.1 [schnell]) answer a picture painted
+                                    from the prompt and seed (``backends.fake.paint_picture``) at the
+                                    shape ``aspect_ratio`` asks, ``still_long_side`` px on its long
+                                    side, in ``output_format`` (webp, as the real model's default, jpg
+                                    or png); ``url`` serves it from ``/delivery/`` with its image type
 timing                              ``start_delay`` (s in ``starting``), ``latency`` (s in
                                     ``processing``); per outcome through ``Outcome``
 faults                              ``throttle(retry_after=, times=, header=True, detail=True)``: 429
@@ -109,7 +115,7 @@ from PIL import Image
 
 from backends import animator, video
 from backends.base import CameraMove
-from backends.fake import _defective_frame
+from backends.fake import _defective_frame, paint_picture
 
 __all__ = ["EmulatedModel", "EmulatedPrediction", "Outcome", "ReplicateEmulator", "WebhookDelivery"]
 
@@ -172,7 +178,8 @@ MODELS = {m.id: m for m in [
     ),
     EmulatedModel(
         "black-forest-labs/flux-schnell", True, "d3e4f5a6" + "0" * 56, kind="image", output="array",
-        required=("prompt",), ranges={"num_outputs": (1, 4)},
+        required=("prompt",), ranges={"num_outputs": (1, 4), "seed": (0, 2**32 - 1)},
+        enums={"aspect_ratio": (*_ASPECTS, "2:3", "3:2", "4:5", "5:4"), "output_format": ("webp", "jpg", "png")},
     ),
     EmulatedModel(
         "nightmareai/real-esrgan", False, "f121d640bd286e1fdc67f9799164c1d5be36ff74576ee11c803ae5b665dd46aa",
@@ -213,6 +220,7 @@ class EmulatedPrediction:
     output: Any = None
     rendered: bool = False
     source_image: bytes | None = None
+    still: tuple[bytes, str] | None = None  # a text-to-image model's picture and its MIME type
 
     def status(self, now: float) -> str:
         """``starting``, ``processing`` or the terminal status at monotonic time ``now``."""
@@ -305,6 +313,7 @@ class ReplicateEmulator:
         self.clip_size = clip_size
         self.clip_seconds = clip_seconds
         self.clip_fps = clip_fps
+        self.still_long_side = 512
         self.fail_error = "CUDA out of memory. Tried to allocate 2.00 GiB"
         self.webhook_secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
         self.webhook_retries = 2
@@ -727,6 +736,8 @@ class ReplicateEmulator:
         p = self.predictions.get(parts[2]) if len(parts) >= 4 else None
         if p is None or not p.rendered:
             raise _problem(404, "Not found", "No such file.")
+        if p.still is not None:
+            return web.Response(body=p.still[0], content_type=p.still[1])
         clip = await self._clip(p, "ok")
         return web.Response(body=clip, content_type="video/mp4")
 
@@ -801,6 +812,14 @@ class ReplicateEmulator:
             buf = io.BytesIO()
             Image.new("RGB", (64, 36), (200, 30, 30)).save(buf, "PNG")
             return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        if p.model.kind == "image":
+            data, kind, ext = await asyncio.to_thread(self._paint, p)
+            p.still = (data, kind)
+            if name == "url":
+                still = f"{self.base_url}/delivery/{p.id}/output.{ext}"
+            else:
+                still = f"data:{kind};base64," + base64.b64encode(data).decode()
+            return [still] if p.model.output == "array" else still
         if p.model.kind != "video":
             buf = io.BytesIO()
             Image.new("RGB", (256, 256), (30, 120, 200)).save(buf, "PNG")
@@ -815,6 +834,19 @@ class ReplicateEmulator:
             garbage = "data:video/mp4;base64," + base64.b64encode(b"garbage").decode()
             return [uri, garbage]
         return [uri] if p.model.output == "array" else uri
+
+    def _paint(self, p: EmulatedPrediction) -> tuple[bytes, str, str]:
+        """A text-to-image prediction's picture: ``(bytes, MIME type, extension)``."""
+        w, h = (int(x) for x in str(p.input.get("aspect_ratio", "1:1")).split(":"))
+        side = self.still_long_side
+        width, height = (side, side * h / w) if w >= h else (side * w / h, side)
+        width, height = max(16, round(width / 16) * 16), max(16, round(height / 16) * 16)
+        pixels = paint_picture(str(p.input.get("prompt", "")), int(p.input.get("seed") or 0), width, height)
+        fmt = str(p.input.get("output_format", "webp"))
+        pil, kind = {"webp": ("WEBP", "image/webp"), "jpg": ("JPEG", "image/jpeg"), "png": ("PNG", "image/png")}[fmt]
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, pil, quality=90)
+        return buf.getvalue(), kind, fmt
 
     async def _clip(self, p: EmulatedPrediction, kind: str) -> bytes:
         source = p.source_image or b""

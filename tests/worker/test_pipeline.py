@@ -400,3 +400,119 @@ async def test_long_local_clips_keep_moving_and_pass_the_gate(tmp_path, camera):
 
     assert outcome.status == "succeeded", outcome.error
     assert [a["verdict"] for a in outcome.attempts] == ["accepted"]
+
+
+# -- prompt-only jobs and end frames ------------------------------------------------------------------
+
+
+def _kinds(engine, job_id):
+    from worker import events
+
+    return [e.kind for e in events.history(engine, job_id)]
+
+
+async def test_a_prompt_only_job_paints_its_picture_first_then_runs_every_stage(engine, settings):
+    """The still is painted (its own stage and event), becomes the job's source, and is animated like an upload."""
+    painting = settings.model_copy(update={"text_to_image": "fake"})
+    fake = FakeBackend(painting)
+    job = create_job(engine, JobParams(prompt="a lighthouse at dusk", duration=2, seed=5, backend="fake"),
+                     detail={"paint": {"backend": "fake", "model": "still", "credits": 1}})
+    pipeline = Pipeline(engine, painting, backends={"fake": fake})
+    outcome = await pipeline.run(job.id)
+
+    assert outcome.status == "succeeded", outcome.error
+    assert [s.stage for s in _stages(engine, job.id)] == ["paint", *STAGES]
+    [painted] = fake.painted
+    assert (painted.prompt, painted.seed, painted.width, painted.height) == ("a lighthouse at dusk", 5, 512, 288)
+    assert painted.output_path.name == "00-paint-fake-still-s5-t1.png"
+    with Session(engine) as s:
+        row = s.get(Job, job.id)
+    assert Path(row.source_path).name == "01-validate-source.png"
+    assert Path(row.source_path).read_bytes() == painted.output_path.read_bytes()
+    assert fake.submitted[0].image_path.name.startswith("03-enhance-320x180")  # auto: painted 16:9
+    assert _kinds(engine, job.id)[:3] == ["started", "painting", "generating"]
+
+
+async def test_a_painting_outage_is_retried_and_a_refusal_ends_the_job(engine, settings):
+    """A transient error paints again after the backoff; the painter's moderation refusal fails the job at once."""
+    outage = create_job(engine, JobParams(prompt="p", duration=1, backend="fake"),
+                        detail={"paint": {"backend": "fake", "model": "fail,ok", "credits": 0}})
+    refused = create_job(engine, JobParams(prompt="p", duration=1, backend="fake"),
+                         detail={"paint": {"backend": "fake", "model": "refuse", "credits": 0}})
+    pipeline = Pipeline(engine, settings, backends={"fake": FakeBackend(settings)})
+    retried, ended = await pipeline.run(outage.id), await pipeline.run(refused.id)
+
+    assert retried.status == "succeeded", retried.error
+    assert [(s.stage, s.outcome) for s in _stages(engine, outage.id)][:3] == [
+        ("paint", "failed"), ("paint", "ok"), ("validate", "ok")]
+    assert "retrying" in _kinds(engine, outage.id)
+    assert (ended.status, ended.error["code"]) == ("failed", "content_refused")
+    assert ended.error["message"].startswith("the model refused this picture or prompt")
+    assert [s.stage for s in _stages(engine, refused.id)] == ["paint"]
+
+
+async def test_a_painting_that_keeps_failing_fails_the_job_and_refunds_it(engine, settings):
+    """After max_attempts tries the member is told, and the still and the clip are both given back."""
+    member = _member_with(engine, 10)
+    job = create_job(engine, JobParams(prompt="p", duration=3, backend="fake"), account_id=member, price=4,
+                     detail={"paint": {"backend": "fake", "model": "fail", "credits": 1}})
+    outcome = await Pipeline(engine, settings, backends={"fake": FakeBackend(settings)}).run(job.id)
+
+    assert (outcome.status, outcome.error["code"]) == ("failed", "paint_failed")
+    assert "could not paint a picture from the prompt" in outcome.error["message"]
+    assert len([s for s in _stages(engine, job.id) if s.stage == "paint"]) == settings.max_attempts
+    assert (_balance(engine, member).available, _balance(engine, member).held) == (10, 0)
+
+
+async def test_a_painted_job_is_charged_the_clip_and_the_still(engine, settings):
+    """Success captures the clip's price plus the still's, exactly what was held."""
+    member = _member_with(engine, 10)
+    job = create_job(engine, JobParams(prompt="p", duration=3, backend="fake"), account_id=member, price=4,
+                     detail={"paint": {"backend": "fake", "model": "still", "credits": 1}})
+    outcome = await Pipeline(engine, settings, backends={"fake": FakeBackend(settings)}).run(job.id)
+
+    assert outcome.status == "succeeded" and outcome.cost["credits"] == 4
+    assert (_balance(engine, member).available, _balance(engine, member).held) == (6, 0)
+
+
+async def test_an_end_frame_is_fitted_like_the_picture_and_sent_with_the_last_segment(engine, settings, tmp_path):
+    """The end frame is validated, kept, fitted to the clip's size; only the segment that ends the clip gets it."""
+    end = tmp_path / "end.png"
+    Image.new("RGB", (900, 300), (30, 160, 90)).save(end)
+    short = ShortFake(settings)
+    job = create_job(engine, JobParams(prompt="p", duration=8, aspect="16:9", backend="short-fake"),
+                     source_path=SAMPLE, detail={"end_frame": {"path": str(end)}})
+    outcome = await Pipeline(engine, settings, backends={"short-fake": short}).run(job.id)
+
+    assert outcome.status == "succeeded", outcome.error
+    first, last = short.submitted
+    assert first.end_image_path is None
+    assert last.end_image_path.name == "03-enhance-end-320x180-crop.png"
+    with Image.open(last.end_image_path) as im:
+        assert im.size == (320, 180) == (last.width, last.height)
+    with Session(engine) as s:
+        kept = Path(s.get(Job, job.id).detail["end_frame"]["path"])
+    assert kept.name == "01-validate-end.png" and kept.read_bytes() == end.read_bytes()
+
+
+async def test_an_end_frame_that_is_not_a_picture_is_refused_at_validation(engine, settings, tmp_path):
+    """Decoding it fails like a bad upload: the job is rejected, saying it is the end frame."""
+    end = tmp_path / "end.png"
+    end.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    job = create_job(engine, JobParams(prompt="p", duration=1, backend="fake"), source_path=SAMPLE,
+                     detail={"end_frame": {"path": str(end)}})
+    outcome = await Pipeline(engine, settings, backends={"fake": FakeBackend(settings)}).run(job.id)
+    assert outcome.status == "rejected" and outcome.error["message"].startswith("the end frame cannot be used")
+
+
+async def test_an_end_frame_routes_past_backends_that_cannot_honour_it(engine, settings, tmp_path):
+    """local cannot end on a given frame: with only local on the route the job is rejected, naming why."""
+    end = tmp_path / "end.png"
+    Image.new("RGB", (320, 180), (30, 160, 90)).save(end)
+    job = create_job(engine, JobParams(prompt="p", duration=1), source_path=SAMPLE,
+                     detail={"end_frame": {"path": str(end)}})
+    outcome = await Pipeline(engine, settings).run(job.id)
+    assert outcome.status == "rejected"
+    assert "nothing here can end a clip on a given frame" in outcome.error["message"]
+    route = next(s for s in _stages(engine, job.id) if s.stage == "route")
+    assert route.outcome == "failed"

@@ -98,3 +98,24 @@ def test_unreadable_file_is_a_table_error(tmp_path):
     path.write_text("[backends.fake\n")
     with pytest.raises(PriceTableError, match="cannot read"):
         PriceTable.load(path)
+
+
+def test_a_model_dearer_with_an_end_frame_and_a_still_priced_by_its_base():
+    """`with_end_frame` replaces the model's rate only for clips that end on a given picture; a still is the base."""
+    table = PriceTable.parse({"backends": {"remote": {"per_second": 5, "models": {
+        "vendor/video": {"per_second": 5, "with_end_frame": {"per_second": 9}},
+        "vendor/still": {"base": 2},
+    }}}})
+    assert table.price("remote", "vendor/video", 5.0) == 25
+    assert table.price("remote", "vendor/video", 5.0, end_frame=True) == 45
+    assert table.price("remote", "vendor/other", 5.0, end_frame=True) == 25  # no end-frame price: the usual one
+    assert pricing.still_price("remote", "vendor/still", table=table) == 2
+    with pytest.raises(PriceTableError, match="unknown keys"):
+        PriceTable.parse({"backends": {"remote": {"models": {"m": {"with_end_frame": {"per_frame": 1}}}}}})
+
+
+def test_the_built_in_table_prices_stills_and_klings_end_frames():
+    """FLUX schnell 1 credit, FLUX dev 3, the fake's still 1; Kling on Replicate ending on a frame is pro's 9/s."""
+    assert [pricing.still_price(b, m) for b, m in [("replicate", "black-forest-labs/flux-schnell"),
+                                                    ("fal", "fal-ai/flux/dev"), ("fake", "still")]] == [1, 3, 1]
+    assert pricing.price("replicate", "kwaivgi/kling-v2.1", 5.0, end_frame=True) == 45

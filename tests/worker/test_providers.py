@@ -19,6 +19,7 @@ job drives the worker without ``poll_due``, so nothing but the webhook can have 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import io
@@ -31,6 +32,7 @@ from typing import Any
 
 import aiohttp
 import fal_client.client
+import numpy as np
 import pytest
 import pytest_asyncio
 from emulators.cog_api import CogEmulator
@@ -254,7 +256,8 @@ def assert_settled(s: System, *job_ids: int) -> None:
             clips = session.exec(select(Clip).where(Clip.job_id == job_id)).all()
             attempts = session.exec(select(Attempt).where(Attempt.job_id == job_id)).all()
             assert all(a.state == "finished" for a in attempts)
-            assert job.cost_usd == pytest.approx(sum(a.cost_usd for a in attempts))
+            still = job.detail.get("paint", {}).get("cost_usd", 0.0)  # a prompt-only job's painted picture
+            assert job.cost_usd == pytest.approx(sum(a.cost_usd for a in attempts) + still)
             kinds = [e.kind for e in events.history(s.db, job_id)]
             assert kinds[-1] == job.state and sum(k in events.FINAL_KINDS for k in kinds) == 1
             if job.state == "succeeded":
@@ -598,3 +601,99 @@ async def test_a_busy_cog_server_makes_the_next_job_wait_then_run(tmp_path, emul
             assert all(session.get(Job, j).state == "succeeded" for j in (first, second))
         assert s.account().available == GRANT - 2 * PROVIDERS["cog"].credits
         assert_settled(s, first, second)
+
+
+# -- prompt-only jobs (the picture painted first) and end frames -----------------------------------------
+
+
+FLUX = "black-forest-labs/flux-schnell"
+
+
+def _decoded(uri: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(uri.partition(",")[2])))
+
+
+async def test_a_prompt_only_job_is_painted_by_flux_then_animated_by_kling(tmp_path, emulators):
+    """No picture: FLUX.1 [schnell] paints one, Kling animates it; the member pays for both, once."""
+    emu = emulators.replicate
+    async with animabot(tmp_path, emulators, "replicate") as s:
+        mark = emu.mark()
+        receipt = submit(s.db, s.settings, image=None, member=MEMBER,
+                         params=JobParams(prompt="a lighthouse at dusk", duration=5.0, aspect="1:1",
+                                          backend="replicate", model=KLING))
+        assert receipt.price_credits == PROVIDERS["replicate"].credits + 1  # the clip and the still
+        await s.finish(receipt.job_id, poll=False)
+
+        paint, animate = [c for c in emu.calls_since(mark) if c.method == "POST" and c.path.endswith("/predictions")]
+        assert paint.path == f"/v1/models/{FLUX}/predictions" and paint.json["input"]["aspect_ratio"] == "1:1"
+        assert animate.path == f"/v1/models/{KLING}/predictions"
+        started = _decoded(animate.json["input"]["start_image"])  # the painted picture, fitted
+        assert started.size == (256, 256) and np.asarray(started).std() > 20
+        job = s.job(receipt.job_id)
+        assert (job.state, job.price_credits) == ("succeeded", 26)
+        assert s.kinds(receipt.job_id) == ["queued", "started", "painting", "generating", "post-processing",
+                                           "succeeded"]
+        assert job.cost_usd == pytest.approx(0.25 + 0.003)
+        assert s.account().available == GRANT - 26
+        assert_settled(s, receipt.job_id)
+
+
+async def test_a_prompt_only_job_on_fal_is_painted_by_flux_dev(tmp_path, emulators):
+    """fal alone configured: FLUX.1 dev paints at the clip's shape through fal's queue, then Kling animates."""
+    emu = emulators.fal
+    async with animabot(tmp_path, emulators, "fal") as s:
+        receipt = submit(s.db, s.settings, image=None, member=MEMBER,
+                         params=JobParams(prompt="a lighthouse at dusk", duration=5.0, aspect="1:1", backend="fal",
+                                          model=FAL_KLING))
+        gpu = asyncio.create_task(_play_fal(emu))
+        try:
+            await s.finish(receipt.job_id, poll=False)
+        finally:
+            gpu.cancel()
+        [still] = [j for j in emu.jobs.values() if j.app == "fal-ai/flux/dev"]
+        assert still.arguments["image_size"] == {"width": 512, "height": 512}
+        job = s.job(receipt.job_id)
+        assert (job.state, job.price_credits) == ("succeeded", PROVIDERS["fal"].credits + 3)
+        assert job.cost_usd == pytest.approx(0.28 + 0.025)
+        assert_settled(s, receipt.job_id)
+
+
+async def test_a_refused_painting_fails_the_job_with_a_refund_and_no_clip_is_asked_for(tmp_path, emulators):
+    """The painter's moderation refuses the prompt: the job ends at once, nothing is charged, Kling never runs."""
+    emu = emulators.replicate
+    emu.script("refuse")
+    async with animabot(tmp_path, emulators, "replicate") as s:
+        mark = emu.mark()
+        receipt = submit(s.db, s.settings, image=None, member=MEMBER,
+                         params=JobParams(prompt="something flagged", duration=5.0, backend="replicate", model=KLING))
+        [job] = await s.finish(receipt.job_id, poll=False)
+
+        assert (job.state, job.error_code) == ("failed", "content_refused")
+        assert [c.path for c in emu.calls_since(mark) if c.method == "POST"] == [f"/v1/models/{FLUX}/predictions"]
+        assert s.attempts(receipt.job_id) == []
+        assert (s.account().available, s.account().held) == (GRANT, 0)
+        assert_settled(s, receipt.job_id)
+
+
+async def test_an_end_frame_reaches_kling_and_is_charged_at_its_pro_price(tmp_path, emulators):
+    """The end frame, fitted like the picture, arrives as Kling's end_image in pro mode; the price is pro's."""
+    emu = emulators.replicate
+    buf = io.BytesIO()
+    Image.new("RGB", (640, 360), (30, 160, 90)).save(buf, "PNG")
+    async with animabot(tmp_path, emulators, "replicate") as s:
+        mark = emu.mark()
+        receipt = submit(s.db, s.settings, image=PICTURE, member=MEMBER, end_image=buf.getvalue(),
+                         params=JobParams(prompt="a gentle smile", duration=5.0, backend="replicate", model=KLING))
+        assert receipt.price_credits == 45
+        await s.finish(receipt.job_id, poll=False)
+
+        [create] = [c for c in emu.calls_since(mark) if c.method == "POST"]
+        sent = create.json["input"]
+        assert sent["mode"] == "pro"
+        end = _decoded(sent["end_image"])
+        assert end.size == (256, 256) and end.convert("RGB").getpixel((128, 128)) == (30, 160, 90)  # fitted, cropped
+        assert _decoded(sent["start_image"]).size == (256, 256)
+        job = s.job(receipt.job_id)
+        assert (job.state, job.price_credits, job.cost_usd) == ("succeeded", 45, pytest.approx(0.45))
+        assert s.account().available == GRANT - 45
+        assert_settled(s, receipt.job_id)

@@ -127,3 +127,22 @@ def test_instances_given_by_the_caller_are_routed_like_installed_ones(settings, 
                        guild_overrides={"other": [{"backend": "fake"}]},
                        instances={"fake": FakeBackend(settings)})
     assert [s.backend for s in route.steps] == ["fake", "local"]
+
+
+def test_a_clip_with_an_end_frame_goes_only_to_models_that_can_end_on_one(tmp_path):
+    """A landscape's Wan cannot take an end frame: skipped by name, then the table's end-frame models; no local."""
+    keyed = Settings(data_dir=tmp_path, replicate_api_token="r8_x", fal_key="k")
+    route = plan_route("landscape", probe(tmp_path, end_image_path=tmp_path / "end.png"), keyed)
+    assert [s.label for s in route.steps] == [
+        "replicate:kwaivgi/kling-v2.1", "fal:fal-ai/kling-video/v2.1/pro/image-to-video",
+        "replicate:luma/ray-flash-2-540p", "fal:fal-ai/luma-dream-machine/ray-2-flash/image-to-video"]
+    why = {s.label: reason for s, reason in route.skipped}
+    assert "cannot end on a given frame" in why["replicate:wan-video/wan-2.2-i2v-a14b"]
+    assert "duration 5s is not offered" in why["fal:fal-ai/minimax/hailuo-02/standard/image-to-video"]
+    assert why["local"].startswith("local cannot end on a given frame")
+
+
+def test_with_nothing_that_can_end_on_a_frame_the_route_is_refused_saying_so(settings, tmp_path):
+    """No provider keys: no route for an end frame, and the refusal says what to leave out or set up."""
+    with pytest.raises(InvalidParameters, match="nothing here can end a clip on a given frame; leave out"):
+        plan_route("portrait", probe(tmp_path, end_image_path=tmp_path / "end.png"), settings)

@@ -191,3 +191,123 @@ def test_an_option_the_chosen_backend_cannot_honour_is_refused_by_name(engine, s
     with pytest.raises(InvalidParameters, match="camera 'orbit-left' is not supported"):
         submit(engine, settings, image=PICTURE, params=_fake(camera=CameraMove.ORBIT_LEFT), member=("g1", "u1"))
     assert _jobs(engine) == [] and _balance(engine, account).held == 0
+
+
+# -- prompt-only jobs: the picture is painted first ---------------------------------------------------
+
+
+def test_a_prompt_without_a_picture_is_refused_when_nothing_can_paint_one(engine, settings):
+    """No text-to-image model configured: the refusal says it needs a picture and what would enable it."""
+    account = _grant(engine, 10)
+    with pytest.raises(InvalidParameters, match="needs a picture") as refused:
+        submit(engine, settings, image=None, params=_fake(), member=("g1", "u1"), key="i-1")
+    assert "ANIMABOT_REPLICATE_API_TOKEN" in refused.value.message and "ANIMABOT_FAL_KEY" in refused.value.message
+    assert _jobs(engine) == [] and events.pending(engine) == []
+    assert (_balance(engine, account).available, _balance(engine, account).held) == (10, 0)
+
+
+def test_a_prompt_without_a_picture_holds_the_clip_and_the_still(engine, settings):
+    """With a painter the job is queued without a source; its hold is the clip's price plus the still's."""
+    painting = settings.model_copy(update={"text_to_image": "fake"})
+    account = _grant(engine, 10)
+    receipt = submit(engine, painting, image=None, params=_fake(), member=("g1", "u1"), key="i-1")
+
+    assert receipt.price_credits == 3 + 1  # 3 s on fake, and the fake's still
+    (job,) = _jobs(engine)
+    assert job.source_path is None and job.detail["paint"] == {"backend": "fake", "model": "still", "credits": 1}
+    assert _balance(engine, account).held == 4
+
+
+@pytest.mark.parametrize(("configured", "expected"), [
+    ({"replicate_api_token": "r8_x"}, "replicate:black-forest-labs/flux-schnell"),
+    ({"fal_key": "k"}, "fal:fal-ai/flux/dev"),
+    ({"replicate_api_token": "r8_x", "fal_key": "k", "text_to_image": "fal"}, "fal:fal-ai/flux/dev"),
+])
+def test_the_painter_is_the_first_configured_provider_unless_one_is_chosen(tmp_path, configured, expected):
+    """By default the first usable backend with a text-to-image model paints; the setting picks another."""
+    from worker.stills import require_painter
+
+    assert require_painter(Settings(data_dir=tmp_path, **configured)).label == expected
+
+
+@pytest.mark.parametrize(("choice", "says"), [
+    ("none", "turned off"),
+    ("local", "local cannot paint a picture from text"),
+    ("replicate", "set ANIMABOT_REPLICATE_API_TOKEN"),
+    ("fake:sdxl", "fake cannot paint 'sdxl'"),
+])
+def test_a_painter_that_cannot_paint_is_refused_with_what_to_configure(engine, tmp_path, choice, says):
+    """A wrong ANIMABOT_TEXT_TO_IMAGE refuses prompt-only jobs by name, and charges nothing."""
+    settings = Settings(data_dir=tmp_path, daily_free_credits=10, text_to_image=choice)
+    with pytest.raises(InvalidParameters, match=says):
+        submit(engine, settings, image=None, params=_fake(), member=("g1", "u1"))
+    assert _jobs(engine) == []
+
+
+def test_the_quote_of_a_prompt_only_job_adds_the_still(tmp_path):
+    """The still is priced from the price table (FLUX schnell: 1 credit) on top of the dearest first choice."""
+    keyed = Settings(data_dir=tmp_path, replicate_api_token="r8_x")
+    params = JobParams(prompt="p", duration=5)
+    assert quote(keyed, params, picture=False) == quote(keyed, params) + 1
+    with pytest.raises(InvalidParameters, match="needs a picture"):
+        quote(Settings(data_dir=tmp_path), params, picture=False)
+
+
+# -- end frames ----------------------------------------------------------------------------------------
+
+
+def _png(colour=(200, 40, 90), size=(320, 180)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_an_end_frame_is_checked_and_kept_with_the_job(engine, settings):
+    """A backend that can end on a frame: the job keeps the picture; the price is the clip's."""
+    account = _grant(engine, 10)
+    end = _png()
+    receipt = submit(engine, settings, image=PICTURE, params=_fake(), member=("g1", "u1"), end_image=end)
+    (job,) = _jobs(engine)
+    assert Path(job.detail["end_frame"]["path"]).read_bytes() == end
+    assert receipt.price_credits == 3 and _balance(engine, account).held == 3
+
+
+@pytest.mark.parametrize(("end", "says"), [
+    (b"not a picture at all", "the end frame cannot be used: .*not a picture"),
+    (_png(size=(40, 30)), "the end frame cannot be used: .*at least 128 px"),
+])
+def test_a_bad_end_frame_is_refused_like_a_bad_picture(engine, settings, end, says):
+    """The end frame's header is checked like the picture's; the refusal says which of the two is wrong."""
+    account = _grant(engine, 10)
+    with pytest.raises(ImageRejected, match=says):
+        submit(engine, settings, image=PICTURE, params=_fake(), member=("g1", "u1"), end_image=end)
+    assert _jobs(engine) == [] and _balance(engine, account).held == 0
+
+
+def test_an_end_frame_the_chosen_backend_cannot_honour_is_refused_by_name(engine, settings):
+    """local moves a camera over one picture: refused before anything is held, naming the models that can."""
+    account = _grant(engine, 10)
+    with pytest.raises(InvalidParameters, match="local cannot end on a given frame") as refused:
+        submit(engine, settings, image=PICTURE, params=JobParams(prompt="p", backend="local"), member=("g1", "u1"),
+               end_image=_png())
+    assert "replicate:kwaivgi/kling-v2.1" in refused.value.message
+    assert _jobs(engine) == [] and _balance(engine, account).held == 0
+
+
+def test_an_end_frame_with_nothing_here_that_can_end_on_it_is_refused(engine, settings):
+    """No backend named and no model that takes an end frame configured: every route fails, so the submit does."""
+    account = _grant(engine, 10)
+    with pytest.raises(InvalidParameters, match="nothing here can end a clip on a given frame"):
+        submit(engine, settings, image=PICTURE, params=JobParams(prompt="p"), member=("g1", "u1"), end_image=_png())
+    assert _jobs(engine) == [] and _balance(engine, account).held == 0
+
+
+def test_an_end_frame_routes_to_a_model_that_takes_one_at_its_end_frame_price(tmp_path):
+    """Kling ends on a frame only in its dearer pro mode: the quote says so, for the model named or routed."""
+    keyed = Settings(data_dir=tmp_path, replicate_api_token="r8_x")
+    kling = JobParams(prompt="p", duration=5, backend="replicate", model="kwaivgi/kling-v2.1")
+    assert (quote(keyed, kling), quote(keyed, kling, end_frame=True)) == (25, 45)
+    with pytest.raises(InvalidParameters, match="minimax/hailuo-02 cannot end on a given frame"):
+        quote(keyed, JobParams(prompt="p", duration=6, backend="replicate", model="minimax/hailuo-02"), end_frame=True)
+    # Routed: a landscape's Wan cannot, so the end-frame models are tried after it; the hold covers the dearest.
+    assert quote(keyed, JobParams(prompt="p", duration=5), end_frame=True) == 60  # Luma Ray for products
