@@ -1,7 +1,8 @@
 """Throughput and overhead: jobs per second from submit to a delivered result, and what the job system adds.
 
-    python bench/throughput.py                      # about 6 min
-    python bench/throughput.py --periodic-queue     # about 8 min: also the experiment below
+    python bench/throughput.py                      # about 4 min
+    python bench/throughput.py --periodic-queue     # about 5 min: also the experiment below
+    python bench/throughput.py --profile-only       # about 1.5 min: only runs 4 and 5 (no Celery)
 
 Scale-out path on this machine: a throwaway PostgreSQL database, Redis, animabot's Celery worker (prefork
 ``-c 2``) and beat as subprocesses; this process is the front end. It submits jobs with
@@ -20,7 +21,9 @@ delivery and probes the result. So four runs:
    answer, a pre-made clip for the provider's output, an accepting gate, a copy for the encode, a fixed
    probe), in a worker started by this script: what the job system alone can do on 2 cores;
 4. *profile*: the hollow pipeline in this process under cProfile (embedded-style loop on PostgreSQL):
-   SQL statements and transactions per job, and where the job system's time goes.
+   SQL statements, transactions and pool checkouts per job, and where the job system's time goes;
+5. *backlog* (``--backlog N``, default 5,000; 0 skips it): ``submit()`` timed for 200 calls on a short queue,
+   then again once N jobs are queued (no worker running, so they stay queued).
 
 ``--periodic-queue`` adds an experiment: the hollow run again with beat's poll and reap tasks routed to a
 queue of their own that the worker also consumes (``task_routes`` set by this script in the worker and
@@ -271,7 +274,7 @@ def profile_hollow(db: Any, settings: Any, picture: bytes, n: int) -> dict[str, 
     from worker.runner import Worker
     from worker.submit import submit
 
-    counts = {"statements": 0, "commits": 0}
+    counts = {"statements": 0, "commits": 0, "checkouts": 0}
 
     def on_execute(*_: object) -> None:
         counts["statements"] += 1
@@ -279,8 +282,12 @@ def profile_hollow(db: Any, settings: Any, picture: bytes, n: int) -> dict[str, 
     def on_commit(*_: object) -> None:
         counts["commits"] += 1
 
+    def on_checkout(*_: object) -> None:
+        counts["checkouts"] += 1
+
     sa.event.listen(db, "before_cursor_execute", on_execute)
     sa.event.listen(db, "commit", on_commit)
+    sa.event.listen(db.pool, "checkout", on_checkout)
     submit_counts = dict(counts)
     ids = [submit(db, settings, image=picture, params=JobParams(**PARAMS)).job_id for _ in range(n)]
     submit_counts = {k: (counts[k] - submit_counts[k]) / n for k in counts}
@@ -308,6 +315,7 @@ def profile_hollow(db: Any, settings: Any, picture: bytes, n: int) -> dict[str, 
     work_counts = {k: (counts[k] - before[k]) / n for k in counts}
     sa.event.remove(db, "before_cursor_execute", on_execute)
     sa.event.remove(db, "commit", on_commit)
+    sa.event.remove(db.pool, "checkout", on_checkout)
     ids += [submit(db, settings, image=picture, params=JobParams(**PARAMS)).job_id for _ in range(n)]
     t0, c0 = time.perf_counter(), time.process_time()
     asyncio.run(drive())  # the same again without the profiler
@@ -385,6 +393,10 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=100, help="jobs in the profiled in-process run")
     parser.add_argument("--periodic-queue", action="store_true",
                         help="also run the hollow pipeline with polls and the reaper on a queue of their own")
+    parser.add_argument("--backlog", type=int, default=5000,
+                        help="queued jobs under which submit() is timed last (0: skip that measurement)")
+    parser.add_argument("--profile-only", action="store_true",
+                        help="only the in-process profile and the backlog submits (no Celery runs; about 1.5 min)")
     args = parser.parse_args()
     if args.serial < 1:
         parser.error("--serial must be at least 1")
@@ -425,27 +437,54 @@ def main() -> None:
             serial = one_at_a_time(front, kick, max(1, args.serial // 2))
             return {"serial": serial, "sat": saturated(front, kick, args.hollow, groups(worker_pid, beat_pid))}
 
+        runs: list[tuple[str, dict[str, Any]]] = []
+        rows: Rows = {}
         try:
-            res_full, _ = with_worker(run, "full", full)
-            res_hollow, _ = with_worker(run, "hollow", hollow_run, hollow_pipeline=True)
-            res_routed = None
-            if args.periodic_queue:
-                print("experiment: polls on a queue of their own…", flush=True)
-                res_routed, _ = with_worker(run, "routed", hollow_run, hollow_pipeline=True, periodic_queue=True)
+            if not args.profile_only:
+                res_full, _ = with_worker(run, "full", full)
+                res_hollow, _ = with_worker(run, "hollow", hollow_run, hollow_pipeline=True)
+                runs = [("full (smallest legal settings)", res_full), ("hollow (media stand-ins)", res_hollow)]
+                if args.periodic_queue:
+                    print("experiment: polls on a queue of their own…", flush=True)
+                    res_routed, _ = with_worker(run, "routed", hollow_run, hollow_pipeline=True, periodic_queue=True)
+                    runs.append(("hollow, polls on their own queue", res_routed))
             front.close()
-            runs = [("full (smallest legal settings)", res_full), ("hollow (media stand-ins)", res_hollow)]
-            if res_routed is not None:
-                runs.append(("hollow, polls on their own queue", res_routed))
             rows = {label: (breakdown(db, front, res["serial"]), breakdown(db, front, res["sat"]["ids"]))
                     for label, res in runs}
             print(f"profile: hollow pipeline in this process, {args.profile} jobs…", flush=True)
             hollow(clip)
             prof = profile_hollow(db, settings, picture, args.profile)
             prof["sources"] = statement_sources(db, settings, picture, 20)
+            if args.backlog:
+                print(f"submit() with up to {args.backlog} jobs queued (no worker running)…", flush=True)
+                prof["backlog"] = backlog_submits(db, settings, picture, args.backlog)
         finally:
             db.dispose()
         load_after = jobsys.load_average()
     report(runs, rows, prof, load_before, load_after)
+
+
+def backlog_submits(db: Any, settings: Any, picture: bytes, n: int, *, timed: int = 200) -> dict[str, Any]:
+    """submit() call times with an empty queue (the first ``timed`` calls) and with ``n`` jobs queued.
+
+    No worker runs, so every job stays queued; they are free jobs (the operator's), each its own member in
+    the fair order. The backlog is ``n`` jobs, then ``timed`` more calls are timed on top of it.
+    """
+    import sqlalchemy as sa
+
+    from worker.jobs import JobParams
+    from worker.submit import submit
+
+    with db.connect() as conn:
+        already = conn.scalar(sa.text("SELECT count(*) FROM jobs WHERE state = 'queued'"))
+    took = []
+    for i in range(n + timed):
+        t0 = time.perf_counter()
+        submit(db, settings, image=picture, params=JobParams(**PARAMS))
+        took.append(time.perf_counter() - t0)
+        if (i + 1) % 1000 == 0:
+            print(f"  {i + 1} queued", flush=True)
+    return {"already": already, "n": n, "quiet": took[:timed], "loaded": took[n:]}
 
 
 Rows = dict[str, tuple[list[dict[str, float]], list[dict[str, float]]]]
@@ -454,13 +493,20 @@ Rows = dict[str, tuple[list[dict[str, float]], list[dict[str, float]]]]
 def report(runs: list[tuple[str, dict[str, Any]]], rows: Rows, prof: dict[str, Any], load_before: float,
            load_after: float) -> None:
     """Print the figures as markdown."""
+    print()
+    print(f"1-min load average {load_before:.2f} before, {load_after:.2f} after")
+    if runs:
+        report_runs(runs, rows)
+    report_profile(prof)
+
+
+def report_runs(runs: list[tuple[str, dict[str, Any]]], rows: Rows) -> None:
+    """The Celery runs: throughput, CPU per job, latency split, submit() times."""
     med, pct = jobsys.median, jobsys.pct
 
     def ms(x: float) -> str:
         return f"{1000 * x:.0f} ms"
 
-    print()
-    print(f"1-min load average {load_before:.2f} before, {load_after:.2f} after")
     print()
     print("**Throughput** (saturated: all jobs submitted back to back, until the last is delivered; the ceiling is "
           "2 cores / total CPU per job):")
@@ -503,6 +549,22 @@ def report(runs: list[tuple[str, dict[str, Any]]], rows: Rows, prof: dict[str, A
               f"max {ms(max(sub))}; submitted in {res['sat']['submitted_in']:.1f} s")
     ser = [r["submit"] for label, _ in runs for r in rows[label][0]]
     print(f"- submit() one at a time ({len(ser)} calls): p50 {ms(med(ser))}, p99 {ms(pct(ser, 0.99))}")
+
+
+def report_profile(prof: dict[str, Any]) -> None:
+    """The in-process profile of the hollow pipeline, and submit() under a backlog."""
+    med, pct = jobsys.median, jobsys.pct
+
+    def ms(x: float) -> str:
+        return f"{1000 * x:.0f} ms"
+
+    if "backlog" in prof:
+        b = prof["backlog"]
+        print()
+        print(f"- submit() with {b['already']}–{b['already'] + len(b['quiet']) - 1} queued ({len(b['quiet'])} calls): "
+              f"p50 {ms(med(b['quiet']))}, p99 {ms(pct(b['quiet'], 0.99))}; with {b['already'] + b['n']}–"
+              f"{b['already'] + b['n'] + len(b['loaded']) - 1} queued ({len(b['loaded'])} calls): "
+              f"p50 {ms(med(b['loaded']))}, p99 {ms(pct(b['loaded'], 0.99))}, max {ms(max(b['loaded']))}")
     print()
     stats: pstats.Stats = prof["stats"]
     n = prof["n"]
@@ -514,9 +576,10 @@ def report(runs: list[tuple[str, dict[str, Any]]], rows: Rows, prof: dict[str, A
     print(f"**Profile** (hollow pipeline, {n} jobs in this process, embedded-style loop on PostgreSQL): "
           f"{prof['plain_wall'] / n * 1000:.1f} ms wall and {prof['plain_cpu'] / n * 1000:.1f} ms CPU per job "
           f"(under cProfile {total / n * 1000:.1f} and {prof['cpu'] / n * 1000:.1f}); "
-          f"{prof['work_counts']['statements']:.1f} SQL statements and {prof['work_counts']['commits']:.1f} "
-          f"commits per job in the worker, {prof['submit_counts']['statements']:.1f} and "
-          f"{prof['submit_counts']['commits']:.1f} in submit(). Engine executes {sql / n * 1000:.1f} ms per job.")
+          f"{prof['work_counts']['statements']:.1f} SQL statements, {prof['work_counts']['commits']:.1f} "
+          f"commits and {prof['work_counts']['checkouts']:.1f} pool checkouts per job in the worker, "
+          f"{prof['submit_counts']['statements']:.1f}, {prof['submit_counts']['commits']:.1f} and "
+          f"{prof['submit_counts']['checkouts']:.1f} in submit(). Engine executes {sql / n * 1000:.1f} ms per job.")
     print()
     print("SQL statements per job by caller: " + ", ".join(f"{name} {k:.1f}" for name, k in prof["sources"].items()))
     print()

@@ -25,6 +25,7 @@ short: one left open holds every other writer back.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +43,12 @@ from worker.settings import Settings
 
 #: How long a SQLite connection waits for the write lock before giving up, in milliseconds.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+#: A pooled PostgreSQL connection unused for this long is pinged before its next use, seconds.
+PING_AFTER_IDLE = 1.0
+#: Pooled PostgreSQL connections are replaced once they are this old, seconds.
+POOL_RECYCLE = 1800
+_IDLE_SINCE = "animabot_idle_since"
 
 #: Execution option: take SQLite's write lock at the transaction's first statement, even a read, for a
 #: transaction whose reads must not change before it writes (``conn.execution_options(**{...: True})``).
@@ -71,8 +78,37 @@ def make_engine(url: str | URL, **engine_kwargs: Any) -> Engine:
     parsed = normalize_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(parsed, engine_kwargs)
-    engine_kwargs.setdefault("pool_pre_ping", True)
-    return sa.create_engine(parsed, **engine_kwargs)
+    engine_kwargs.setdefault("pool_recycle", POOL_RECYCLE)
+    engine = sa.create_engine(parsed, **engine_kwargs)
+    if not engine_kwargs.get("pool_pre_ping"):
+        _ping_when_idle(engine)
+    return engine
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Check a pooled connection before use only if it sat idle for :data:`PING_AFTER_IDLE` seconds or more.
+
+    ``pool_pre_ping`` pays a round trip on every checkout (about 50 per job); a connection in steady use
+    needs none. One that waited in the pool (a quiet spell, or across a database restart, which takes
+    longer than that) is pinged, and if the server dropped it, it and every older pooled connection are
+    replaced before anyone uses them. A connection that dies while in use raises in its unit of work,
+    which is retried (``worker.runner``), and the pool is replaced the same way.
+    """
+
+    @sa.event.listens_for(engine, "checkin")
+    def _idle_from(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    @sa.event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.pop(_IDLE_SINCE, None)
+        idle = time.monotonic() - since if since is not None else 0.0
+        if idle < PING_AFTER_IDLE:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:  # the server closed it meanwhile: the pool reconnects, once for all
+            raise sa.exc.InvalidatePoolError(f"pooled connection found dead after {idle:.0f} s idle") from exc
 
 
 def _sqlite_engine(url: URL, engine_kwargs: dict[str, Any]) -> Engine:

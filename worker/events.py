@@ -66,13 +66,13 @@ class JobEvent:
 
 
 def publish(session: Session, job: Job, kind: str, payload: dict[str, Any] | None = None) -> None:
-    """Add event ``kind`` for ``job`` to ``session``; it is written when the caller commits."""
+    """Write event ``kind`` for ``job`` in ``session``'s transaction; it exists once the caller commits."""
     assert job.id is not None
     body = {
         "job_id": job.id, "key": job.key, "guild_id": job.guild_id, "channel_id": job.channel_id,
         "state": job.state, **(payload or {}),
     }
-    session.add(Event(job_id=job.id, kind=kind, payload=body))
+    session.execute(sa.insert(Event).values(job_id=job.id, kind=kind, payload=body, created_at=utcnow()))
 
 
 def pending(

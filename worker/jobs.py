@@ -93,7 +93,7 @@ def create_or_find_job(
     ``price`` overrides the price of the requested (or default) backend; ``admit(session, job)`` runs
     inside the transaction, before the reservation, and may raise to refuse the job (limits, cooldown).
     """
-    with Session(engine) as session:
+    with Session(engine, expire_on_commit=False) as session:  # the new row stays readable: no read-back
         if key is not None:
             existing = session.exec(select(Job).where(Job.key == key)).first()
             if existing is not None:
@@ -139,7 +139,6 @@ def create_or_find_job(
         except Exception:
             session.rollback()
             raise
-        session.refresh(job)
         return job, True
 
 

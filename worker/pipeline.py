@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import random
 import shutil
@@ -54,6 +55,7 @@ from backends.base import (
     GenerationRequest,
     GenerationResult,
     Handle,
+    ImageRequest,
     RateLimited,
     State,
 )
@@ -71,14 +73,17 @@ from worker import (
     prompts,
     quality,
     routing,
+    stills,
     subject,
 )
-from worker.errors import InvalidParameters, UserError
+from worker.errors import ImageRejected, InvalidParameters, UserError
 from worker.jobs import load_job
-from worker.models import Attempt, Clip, GuildSettings, Job, JobStage, JobState, utcnow
+from worker.models import Attempt, Clip, GuildSettings, IllegalTransition, Job, JobStage, JobState, utcnow
 from worker.settings import Settings
 
 ProgressCallback = Callable[[str, float], None]
+
+log = logging.getLogger(__name__)
 
 class GenerationFailed(Exception):
     """No acceptable clip after every attempt; ``code`` and ``message`` say why in plain words."""
@@ -193,6 +198,12 @@ class _Run:
     verdict: quality.Verdict | None = None
     finished: Path | None = None
     encoded: encode.EncodeReport | None = None
+    clip: Clip | None = None
+    # Written with the job's next state move, in its transaction (Pipeline._note, Pipeline._record).
+    unsaved: dict[str, Any] = field(default_factory=dict)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    healthy: Callable[[str, str | None], str | None] | None = None
+    collected: dict[int, Attempt] = field(default_factory=dict)  # attempts judged in this unit, by number
 
     @property
     def media(self) -> Path:
@@ -308,20 +319,22 @@ class Pipeline:
 
     # -- the unit of work ----------------------------------------------------------------------
 
-    async def advance(self, job_id: int) -> Step:
+    async def advance(self, job_id: int, *, job: Job | None = None) -> Step:
         """Do the next piece of work on job ``job_id`` and say what it needs next.
 
         Safe to call again after a crash at any point: every piece starts from what the database
         says, and a piece already done is not done twice (an attempt submitted to a provider is
-        waited on, never submitted again).
+        waited on, never submitted again). ``job`` is the row as the caller just read it (the claim
+        returns it), so it is not read again.
         """
-        job = load_job(self.engine, job_id)
+        job = job if job is not None and job.id == job_id else load_job(self.engine, job_id)
         if job.job_state.terminal:
             return DONE
         run = _Run(job=job, settings=self.settings, loop=self._loop(job))
         try:
             if job.job_state in (JobState.QUEUED, JobState.VALIDATING):
-                await self._prepare(run)
+                if (later := await self._prepare(run)) is not None:
+                    return later  # a prompt-only job's picture could not be painted yet
             else:
                 run.load_plan(job.detail["plan"])
             if run.job.job_state in (JobState.POST_PROCESSING, JobState.DELIVERING):
@@ -338,12 +351,59 @@ class Pipeline:
         raw = job.detail.get("loop")
         return Loop.from_json(raw) if raw else Loop(motion=job.motion, seed=job.seed)
 
-    async def _prepare(self, run: _Run) -> None:
+    async def _prepare(self, run: _Run) -> Step | None:
         if run.job.job_state is JobState.QUEUED:
             self._move(run, JobState.VALIDATING, event=("started", {}), started_at=utcnow())
+        painting = not run.job.source_path and "paint" in run.job.detail
+        if painting and (later := await self._paint_first(run)) is not None:
+            return later
         for stage in ("validate", "classify", "enhance", "route", "prompt"):
             await self._stage(run, stage, getattr(self, "_" + stage))
         self._move(run, JobState.GENERATING, detail={**run.job.detail, "plan": run.plan_json()})
+        return None
+
+    async def _paint_first(self, run: _Run) -> Step | None:
+        """A prompt-only job: paint its picture, which becomes the job's source; or say when to try again.
+
+        A painting error follows the clips' rules: a transient one is retried after a backoff (at most
+        ``max_attempts`` tries), a moderation refusal or another permanent one fails the job, refunded.
+        """
+        paint = dict(run.job.detail["paint"])
+        tries = int(paint.get("tries", 0)) + 1
+        try:
+            await self._stage(run, "paint", lambda r: self._paint(r, tries))
+            return None
+        except BackendError as exc:
+            if isinstance(exc, ContentRefused):
+                raise GenerationFailed(exc.code, _plain(exc)) from None
+            if not exc.transient or tries >= self.settings.max_attempts:
+                raise GenerationFailed(
+                    "paint_failed", f"could not paint a picture from the prompt ({exc.message}); nothing was "
+                    "charged — try again later, or attach a picture",
+                ) from None
+            wait = max(min(self.settings.retry_backoff * 2 ** (tries - 1), 30.0), getattr(exc, "retry_after", 0.0))
+            self._move(run, JobState.VALIDATING, detail={**run.job.detail, "paint": {**paint, "tries": tries}},
+                       event=("retrying", {"attempt": tries, "backend": paint["backend"],
+                                           "reason": f"painting the picture failed ({exc.message})"}))
+            return Step("retry", at=time.time() + wait)
+
+    async def _paint(self, run: _Run, tries: int) -> dict[str, Any]:
+        paint = run.job.detail["paint"]
+        backend = self.backend(paint["backend"])
+        aspect = stills.still_aspect(run.job.aspect)
+        width, height = stills.still_size(aspect, self.settings.output_long_side)
+        out = run.artifact("paint", backend.name, paint["model"], f"s{run.job.seed}", f"t{tries}", ext="png")
+        self._move(run, JobState.VALIDATING,
+                   event=("painting", {"backend": backend.name, "model": paint["model"], "attempt": tries}))
+        still = await backend.imagine(ImageRequest(
+            prompt=run.job.prompt, output_path=out, negative_prompt=run.job.negative_prompt, aspect=aspect,
+            width=width, height=height, seed=run.job.seed, model=paint["model"], attempt=tries,
+        ))
+        self._move(run, JobState.VALIDATING, source_path=str(still.image_path),
+                   cost_usd=run.job.cost_usd + still.cost_usd,
+                   detail={**run.job.detail, "paint": {**paint, "tries": tries, "cost_usd": still.cost_usd}})
+        return {"backend": backend.name, "model": paint["model"], "size": [still.width, still.height],
+                "cost_usd": still.cost_usd, "output": still.image_path.name}
 
     async def _stage(self, run: _Run, stage: str, fn: Callable[[_Run], Any]) -> dict[str, Any]:
         self._progress(stage, 0.0)
@@ -365,15 +425,26 @@ class Pipeline:
     def _record(
         self, run: _Run, stage: str, outcome: str, seconds: float, started_at: Any, detail: dict[str, Any]
     ) -> None:
+        """Note a stage's outcome; the row is written in the transaction of the job's next state move.
+
+        Every stage is followed by a move in the same unit (the next state, a retry, the job's end), so
+        no row waits long; a unit that crashes first loses its rows, and its redo records them once.
+        """
         assert run.job.id is not None
-        with Session(self.engine) as session:
-            session.add(
-                JobStage(
-                    job_id=run.job.id, stage=stage, outcome=outcome, seconds=round(seconds, 4),
-                    detail=_jsonable(detail), started_at=started_at,
-                )
-            )
-            session.commit()
+        run.stages.append(dict(job_id=run.job.id, stage=stage, outcome=outcome, seconds=round(seconds, 4),
+                               detail=_jsonable(detail), started_at=started_at))
+
+    def _note(self, run: _Run, **fields: Any) -> None:
+        """Set ``fields`` on the job, written with its next state move: for what no redo starts from."""
+        for name, value in fields.items():
+            setattr(run.job, name, value)
+        run.unsaved.update(fields)
+
+    def _healthy(self, run: _Run) -> Callable[[str, str | None], str | None]:
+        """Backend health as this unit first read it (read again after it records an outcome)."""
+        if run.healthy is None:
+            run.healthy = health.checker(self.engine)
+        return run.healthy
 
     def _move(
         self, run: _Run, state: JobState, *, event: tuple[str, dict[str, Any]] | None = None,
@@ -381,37 +452,49 @@ class Pipeline:
     ) -> None:
         """Move the job to ``state``, set ``fields`` and publish ``event``, in one transaction.
 
+        The same transaction writes what the unit noted since its last move (:meth:`_note`, stage rows).
+        The row is not read first: ``run.job`` is what the unit knows, and it holds the job's lease, so
+        nobody else moves the job meanwhile. The UPDATE is conditional on the state ``run.job`` has, so a
+        unit that lost its lease to another worker fails here instead of writing over the other's work.
         With ``session`` the caller commits (e.g. together with a ledger transfer).
         """
+        job = run.job
+        assert job.id is not None
+        was = job.state
+        job.advance(state)
+        for name, value in fields.items():
+            setattr(job, name, value)
+        job.updated_at = utcnow()
+        values = {**run.unsaved, **fields, "state": job.state, "updated_at": job.updated_at}
+        if job.job_state.terminal:
+            values["finished_at"] = job.finished_at
         own = session is None
         session = session or Session(self.engine)
         try:
-            job = session.get(Job, run.job.id)
-            assert job is not None
-            job.advance(state)
-            for name, value in fields.items():
-                setattr(job, name, value)
-            job.updated_at = utcnow()
-            session.add(job)
+            moved = session.execute(
+                sa.update(Job).where(Job.id == job.id, Job.state == was).values(**values),
+                execution_options={"synchronize_session": False},
+            ).rowcount
+            if moved != 1:
+                raise IllegalTransition(f"job {job.id} is no longer {was}: another worker moved it")
+            if run.stages:
+                session.execute(sa.insert(JobStage), run.stages)
             if event is not None:
                 events.publish(session, job, *event)
             if own:
                 session.commit()
-                session.refresh(job)
-                session.expunge(job)
-                run.job = job
         finally:
             if own:
                 session.close()
+        run.unsaved, run.stages = {}, []
 
     def _fail(self, run: _Run, code: str, message: str, *, status: str = "failed") -> None:
         assert run.job.id is not None
-        with Session(self.engine) as session:
+        with Session(self.engine, expire_on_commit=False) as session:
             self._move(run, JobState.FAILED, session=session, error_code=code, error_message=message,
                        detail={**run.job.detail, "status": status}, next_run_at=None,
                        event=("failed", {"code": code, "message": message, "status": status}))
             ledger.void(session, run.job.id)  # commits the job's end with the refund
-        run.job = load_job(self.engine, run.job.id)
 
     def fail(self, job_id: int, code: str, message: str) -> None:
         """End job ``job_id`` as failed with ``message`` and give the credits back."""
@@ -500,17 +583,48 @@ class Pipeline:
         kept = run.artifact("validate", "source", ext=Path(run.job.source_path).suffix.lstrip(".") or "img")
         if Path(run.job.source_path).resolve() != kept.resolve():
             await asyncio.to_thread(shutil.copyfile, run.job.source_path, kept)
-        self._move(run, JobState.VALIDATING, source_path=str(kept))
-        return {
+        self._note(run, source_path=str(kept))
+        detail = {
             "format": source.format, "size": list(source.size), "bytes": source.bytes,
             "orientation_fixed": source.orientation_fixed, "conversions": source.conversions,
         }
+        if "end_frame" in run.job.detail:
+            detail["end_frame"] = await self._validate_end_frame(run)
+        return detail
+
+    async def _validate_end_frame(self, run: _Run) -> dict[str, Any]:
+        """Decode the end frame like the picture (refused with the reason) and keep it with the job's files."""
+        end = dict(run.job.detail["end_frame"])
+        path = Path(end["path"])
+        long_side = self.settings.output_long_side
+        try:
+            picture = await asyncio.to_thread(imaging.load_image, path, self.settings, target=(long_side, long_side))
+        except ImageRejected as exc:
+            raise ImageRejected(f"the end frame cannot be used: {exc.message}", code=exc.code) from None
+        kept = run.artifact("validate", "end", ext=path.suffix.lstrip(".") or "img")
+        if path.resolve() != kept.resolve():
+            await asyncio.to_thread(shutil.copyfile, path, kept)
+        self._move(run, JobState.VALIDATING, detail={**run.job.detail, "end_frame": {**end, "path": str(kept)}})
+        return {"format": picture.format, "size": list(picture.size), "conversions": picture.conversions}
+
+    async def _fit_end_frame(self, run: _Run) -> dict[str, Any]:
+        """The end frame fitted to the clip's aspect and size like the picture (centred: no face to follow)."""
+        end = dict(run.job.detail["end_frame"])
+        long_side = self.settings.output_long_side
+        picture = await asyncio.to_thread(
+            imaging.load_image, Path(end["path"]), self.settings, target=(long_side, long_side))
+        fitted, report = await asyncio.to_thread(
+            imaging.fit, picture.image, run.aspect, width=run.width, height=run.height, mode=self.settings.fit_mode)
+        path = run.artifact("enhance", "end", f"{run.width}x{run.height}", self.settings.fit_mode, ext="png")
+        await asyncio.to_thread(fitted.save, path, compress_level=1)
+        self._move(run, JobState.VALIDATING, detail={**run.job.detail, "end_frame": {**end, "fitted": str(path)}})
+        return _jsonable(report)
 
     async def _classify(self, run: _Run) -> dict[str, Any]:
         assert run.source is not None
         found = await asyncio.to_thread(subject.classify, run.source.image)
         run.subject, run.faces = found.kind, found.faces
-        self._move(run, JobState.VALIDATING, subject=run.subject)
+        self._note(run, subject=run.subject)
         return found.to_json()
 
     async def _enhance(self, run: _Run) -> dict[str, Any]:
@@ -535,6 +649,8 @@ class Pipeline:
         detail = {"aspect": run.aspect.value, "width": run.width, "height": run.height, **_jsonable(report)}
         if run.focus is not None:
             detail["focus"] = _jsonable(run.focus)
+        if "end_frame" in run.job.detail:
+            detail["end_frame"] = await self._fit_end_frame(run)
         return detail
 
     async def _route(self, run: _Run) -> dict[str, Any]:
@@ -544,14 +660,14 @@ class Pipeline:
         probe = self._request(run, None, out_name="probe.mp4")
         run.route = routing.plan_route(
             run.subject, probe, self.settings, backend=run.job.requested_backend, model=run.job.model,
-            guild_overrides=overrides, instances=self._backends, healthy=health.checker(self.engine),
+            guild_overrides=overrides, instances=self._backends, healthy=self._healthy(run),
         )
         first = run.route.steps[0]
         try:
             credits = pricing.price(first.backend, first.model, run.job.duration)
         except pricing.UnknownPrice:
             credits = 0
-        self._move(run, JobState.VALIDATING, backend=first.backend)
+        self._note(run, backend=first.backend)
         detail = {**run.route.to_json(), "camera": run.camera.value, "price_credits": credits}
         if steering.warning:
             detail["warning"] = steering.warning
@@ -582,7 +698,8 @@ class Pipeline:
         moderation refusal ends the job. With ``best_of`` > 1 the job keeps generating until it has
         that many accepted candidates (or the budget is spent) and keeps the best.
         """
-        latest = self._latest_attempt(run)
+        # The first attempt is written with the loop (see _submit): without a loop there is none to look for.
+        latest = self._latest_attempt(run) if "loop" in run.job.detail else None
         if latest is not None and latest.state == "running":
             return Step("wait", attempt_id=latest.id)
         if latest is not None and latest.state == "submitting":
@@ -599,8 +716,10 @@ class Pipeline:
             if time.time() < run.loop.not_before:
                 return Step("retry", at=run.loop.not_before)
             attempt = await self._submit(run)
-            if attempt is not None:
-                return Step("wait", attempt_id=attempt)
+            if attempt is not None and attempt.state != "ready":
+                return Step("wait", attempt_id=attempt.id)
+            if attempt is not None:  # done as soon as submitted (a local backend): collected in this unit
+                await self._collect(run, attempt)
         if not run.loop.candidates and not run.loop.segments:
             failures = run.loop.failures
             raise GenerationFailed(
@@ -616,7 +735,7 @@ class Pipeline:
         """Point ``run`` at the backend of the next attempt; False when the loop has nothing left to try."""
         assert run.route is not None
         loop = run.loop
-        healthy = health.checker(self.engine)
+        healthy = self._healthy(run)
         while loop.step < len(run.route.steps):
             step = run.route.steps[loop.step]
             run.backend, run.model = self.backend(step.backend), step.model
@@ -673,8 +792,12 @@ class Pipeline:
             return max((remaining + overlap) / 2, lo)
         return hi
 
-    async def _submit(self, run: _Run) -> int | None:
-        """Start the next attempt at its backend; the attempt id, or None if the backend refused at once."""
+    async def _submit(self, run: _Run) -> Attempt | None:
+        """Start the next attempt at its backend; the attempt, or None if the backend refused at once.
+
+        A local backend (no network) is asked at once how it is doing, which costs nothing: an instant one
+        is already done, and its attempt is recorded ``ready`` for the caller to collect in this unit.
+        """
         backend, loop = run.backend, run.loop
         assert backend is not None and run.job.id is not None
         loop.attempt, loop.tries = loop.attempt + 1, loop.tries + 1
@@ -687,7 +810,7 @@ class Pipeline:
         )
         # The attempt row and the loop position are written before the provider hears of it: after a
         # crash the job finds the attempt and never submits it twice without knowing.
-        with Session(self.engine) as session:
+        with Session(self.engine, expire_on_commit=False) as session:
             attempt = Attempt(job_id=run.job.id, number=loop.attempt, backend=backend.name, model=run.model,
                               seed=loop.seed, motion=loop.motion, segment=len(loop.segments),
                               result={"duration": run.segment_duration})
@@ -698,19 +821,31 @@ class Pipeline:
                                              "max_attempts": self._budget(run), "segment": len(loop.segments)}))
             session.commit()
             attempt_id = attempt.id
-        run.job = load_job(self.engine, run.job.id)
         request = self._request(run, backend, out_name=out_name, webhook_url=self._webhook_url(backend, attempt_id))
         self._progress("generate", 0.0)
         try:
             handle = await backend.submit(request)
         except BackendError as exc:
             self._record(run, "generate", "failed", 0.0, utcnow(), {"code": exc.code, "message": exc.message})
-            self._end_attempt(run, self._attempt(attempt_id), "error", error=exc)
+            self._end_attempt(run, attempt, "error", error=exc)
             return None
         now = utcnow()
-        self._update_attempt(run.job.id, loop.attempt, handle=handle.to_json(), state="running",
-                             provider_id=handle.id, started_at=now, next_poll_at=now)
-        return attempt_id
+        fields: dict[str, Any] = dict(handle=handle.to_json(), state="running", provider_id=handle.id,
+                                      started_at=now, next_poll_at=now)
+        attempt.sqlmodel_update(fields)
+        if not backend.capabilities.needs_network and (report := await self._answer_at_once(attempt)):
+            fields.update(state="ready", report=report, next_poll_at=None)  # never polled
+            attempt.sqlmodel_update(fields)
+        self._update_attempt(run.job.id, loop.attempt, **fields)
+        return attempt
+
+    async def _answer_at_once(self, attempt: Attempt) -> dict[str, Any] | None:
+        """A just-submitted attempt's final report if it already has one; None while it runs."""
+        try:
+            return await self.poll(attempt)
+        except Exception:  # a backend bug: the attempt is recorded running, and the polls will ask again
+            log.warning("attempt %s: status check right after submit failed", attempt.id, exc_info=True)
+            return None
 
     def _webhook_url(self, backend: Backend, attempt_id: int | None) -> str:
         """Where the provider reports on this attempt, if the web endpoint is reachable from outside."""
@@ -782,12 +917,15 @@ class Pipeline:
             self._end_attempt(run, attempt, "error", error=exc)
             return
         result = {**attempt.result, **_result_json(run.generated)}
-        self._update_attempt(run.job.id, attempt.number, result=result, output_path=str(run.generated.video_path),
-                             cost_usd=run.generated.cost_usd)
         self._record(run, "generate", "ok", seconds, started,
                      {"backend": attempt.backend, "attempt": attempt.number, "seed": attempt.seed,
                       "output": run.generated.video_path.name})
-        self._move(run, JobState.CHECKING, cost_usd=run.job.cost_usd + run.generated.cost_usd)
+        with Session(self.engine) as session:
+            session.execute(sa.update(Attempt).where(Attempt.id == attempt.id).values(
+                result=result, output_path=str(run.generated.video_path), cost_usd=run.generated.cost_usd))
+            self._move(run, JobState.CHECKING, session=session, cost_usd=run.job.cost_usd + run.generated.cost_usd)
+            session.commit()
+        attempt.result = result
         await self._stage(run, "check", self._check)
         assert run.verdict is not None
         if not run.verdict.accepted:
@@ -813,6 +951,7 @@ class Pipeline:
                 health.record_failure(self.engine, attempt.backend, attempt.model, error)
             elif verdict in ("accepted", "rejected"):  # the provider delivered, whatever the gate thinks
                 health.record_success(self.engine, attempt.backend, attempt.model)
+            run.healthy = None  # the next pick sees the cooldown this may have started
         if error is not None:
             fields.update(error_code=error.code, error_message=error.message[:2000])
             loop.failures.append(error.message)
@@ -851,7 +990,8 @@ class Pipeline:
             self._move(run, run.job.job_state if run.job.job_state is not JobState.CHECKING else JobState.GENERATING,
                        session=session, detail={**run.job.detail, "loop": run.loop.to_json()}, event=event)
             session.commit()
-        run.job = load_job(self.engine, run.job.id or 0)
+        attempt.sqlmodel_update(fields)
+        run.collected[attempt.number] = attempt
 
     async def _continue_from_last_frame(self, run: _Run, result: GenerationResult) -> None:
         """The next segment starts where this one's cross-fade will begin, so the fade joins like with like."""
@@ -865,6 +1005,7 @@ class Pipeline:
         """Post-process, encode and store the clip, then charge for it and announce it."""
         assert run.job.id is not None
         loop = run.loop
+        made_by: Attempt | None = None
         if run.job.job_state in (JobState.GENERATING, JobState.CHECKING):
             chosen = None
             if loop.candidates:
@@ -874,15 +1015,17 @@ class Pipeline:
                     if int(other) != chosen:
                         self._update_attempt(run.job.id, int(other), verdict="runner-up")
             last = chosen or loop.segments[-1]
-            self._move(run, JobState.POST_PROCESSING, backend=self._attempt_row(run.job.id, last).backend,
+            made_by = run.collected.get(last) or self._attempt_row(run.job.id, last)
+            self._move(run, JobState.POST_PROCESSING, backend=made_by.backend,
                        detail={**run.job.detail, "chosen": chosen}, event=("post-processing", {}))
         chosen = run.job.detail.get("chosen")
-        made_by = self._attempt_row(run.job.id, chosen or loop.segments[-1])
-        run.generated = self._result(run, chosen) if chosen else None
+        if made_by is None:
+            made_by = self._attempt_row(run.job.id, chosen or loop.segments[-1])
+        run.generated = self._result(run, chosen, made_by) if chosen else None
         if run.job.job_state is JobState.POST_PROCESSING or self._clip(run.job.id) is None:
             for stage in ("post-process", "encode", "store"):
                 await self._stage(run, stage, getattr(self, "_" + stage.replace("-", "_")))
-        clip = self._clip(run.job.id)
+        clip = run.clip or self._clip(run.job.id)
         assert clip is not None
         credits = self._charge(run, made_by)
         payload = {
@@ -891,14 +1034,16 @@ class Pipeline:
             "backend": made_by.backend, "model": made_by.model, "seed": made_by.seed, "credits": credits,
             "prompt": run.job.prompt, "attempts": loop.attempt,
         }
-        with Session(self.engine) as session:
+        reserved = run.job.price_credits
+        with Session(self.engine, expire_on_commit=False) as session:
             self._move(run, JobState.SUCCEEDED, session=session, next_run_at=None, price_credits=credits,
                        detail={**run.job.detail, "status": "succeeded"}, event=("succeeded", payload))
             if credits:
                 ledger.capture(session, run.job.id, amount=credits)  # commits the job's end with the charge
-            else:
+            elif reserved:
                 ledger.void(session, run.job.id)
-        run.job = load_job(self.engine, run.job.id)
+            else:
+                session.commit()  # a free job reserved nothing, so there is nothing to void
 
     def _charge(self, run: _Run, made_by: Attempt) -> int:
         """Credits for the clip: the price of the model that made it, never more than was reserved."""
@@ -908,13 +1053,15 @@ class Pipeline:
                 guild = session.get(GuildSettings, run.job.guild_id)
                 overrides = dict(guild.prices) if guild and guild.prices else None
         try:
-            actual = pricing.price(made_by.backend, made_by.model, run.job.duration, overrides=overrides)
+            actual = pricing.price(made_by.backend, made_by.model, run.job.duration, overrides=overrides,
+                                   end_frame="end_frame" in run.job.detail)
+            actual += int(run.job.detail.get("paint", {}).get("credits", 0))  # a prompt-only job's still
         except pricing.UnknownPrice:
             actual = run.job.price_credits
         return min(actual, run.job.price_credits)
 
-    def _result(self, run: _Run, number: int) -> GenerationResult:
-        raw = self._attempt_row(run.job.id, number).result
+    def _result(self, run: _Run, number: int, row: Attempt | None = None) -> GenerationResult:
+        raw = (row or self._attempt_row(run.job.id, number)).result
         return GenerationResult(video_path=Path(raw["video_path"]), width=raw["width"], height=raw["height"],
                                 fps=raw["fps"], frames=raw["frames"], cost_usd=raw.get("cost_usd", 0.0))
 
@@ -968,7 +1115,16 @@ class Pipeline:
             key=f"animabot-job{run.job.id}-attempt{run.loop.attempt}",
             attempt=run.loop.attempt,
             webhook_url=webhook_url,
+            end_image_path=Path(end) if (end := run.job.detail.get("end_frame", {}).get("fitted"))
+            and self._ends_clip(run, backend) else None,
         )
+
+    def _ends_clip(self, run: _Run, backend: Backend | None) -> bool:
+        """Whether the generation about to start makes the end of the clip (where an end frame belongs)."""
+        if backend is None or not self._extending(run):
+            return True
+        overlap = self.settings.stitch_overlap if run.loop.segments else 0.0
+        return self._covered(run) + run.segment_duration - overlap >= run.job.duration - 1e-6
 
     async def _check(self, run: _Run) -> dict[str, Any]:
         assert run.generated is not None
@@ -1062,8 +1218,11 @@ class Pipeline:
         assert run.encoded is not None and run.job.id is not None
         final = run.encoded.path
         info = await asyncio.to_thread(video.probe, final, count=False)
-        with Session(self.engine) as session:
-            clip = session.exec(select(Clip).where(Clip.job_id == run.job.id)).first() or Clip(job_id=run.job.id)
+        with Session(self.engine, expire_on_commit=False) as session:
+            # A clip is written only here, with the move to delivering: a job still post-processing has none.
+            found = None if run.job.job_state is JobState.POST_PROCESSING else session.exec(
+                select(Clip).where(Clip.job_id == run.job.id)).first()
+            clip = found or Clip(job_id=run.job.id)
             clip.sqlmodel_update(dict(
                 account_id=run.job.account_id, guild_id=run.job.guild_id, path=str(final), width=info.width,
                 height=info.height, duration=round(info.duration, 3), bytes=info.bytes,
@@ -1072,7 +1231,7 @@ class Pipeline:
             session.add(clip)  # a redone store (after a crash) updates the clip; a job never has two
             self._move(run, JobState.DELIVERING, session=session, output_path=str(final))
             session.commit()
-        run.job = load_job(self.engine, run.job.id)
+        run.clip = clip
         return {"path": str(final)}
 
     def _backend_class(self, name: str) -> type[Backend]:

@@ -111,11 +111,11 @@ class Worker:
     async def work_once(self) -> int | None:
         """Claim one ready job and move it on; the job's id, or None when no job was ready."""
         lease = self.settings.lease_seconds
-        job_id = scheduler.claim(self.db, self.owner, lease)
-        if job_id is None:
+        job = scheduler.claim_job(self.db, self.owner, lease)  # the row as leased: no need to read it again
+        if job is None or job.id is None:
             return None
+        job_id = job.id
         self.stats.units += 1
-        job = load_job(self.db, job_id)
         unit = asyncio.create_task(self._unit(job))
         renewing = asyncio.create_task(self._keep_lease(job_id, unit))
         try:
@@ -127,14 +127,15 @@ class Worker:
             # two workers never write one job at once. The new holder carries on from the database.
             log.warning("job %s: lease lost to another worker; this unit stopped", job_id)
             return job_id
-        except Exception:
+        except Exception as exc:
             log.exception("job %s: unit of work failed; it will be retried", job_id)
             self.stats.crashes += 1
             renewing.cancel()
-            with Session(self.db) as session:  # counts like a worker that died with the job in hand
-                session.execute(sa.update(Job).where(Job.id == job_id, Job.lease_owner == self.owner)
-                                .values(recoveries=Job.recoveries + 1))
-                session.commit()
+            if not _database_dropped(exc):  # a lost connection is the database's doing, not the job's
+                with Session(self.db) as session:  # counts like a worker that died with the job in hand
+                    session.execute(sa.update(Job).where(Job.id == job_id, Job.lease_owner == self.owner)
+                                    .values(recoveries=Job.recoveries + 1))
+                    session.commit()
             scheduler.release(self.db, job_id, self.owner, utcnow() + timedelta(seconds=CRASH_BACKOFF))
             return job_id
         finally:
@@ -158,7 +159,7 @@ class Worker:
         if job.cancel_requested:
             await self.pipeline.cancel(job.id)
             return Step("done")
-        return await self.pipeline.advance(job.id)
+        return await self.pipeline.advance(job.id, job=job)
 
     def kick_later(self, at: float) -> None:
         """Hook for runtimes that can schedule a kick (Celery countdown); the reaper covers the rest."""
@@ -321,6 +322,11 @@ class Worker:
             session.add(row)
             session.commit()
         return False
+
+
+def _database_dropped(exc: BaseException) -> bool:
+    """Whether ``exc`` is the database connection going away (the pool then reconnects by itself)."""
+    return isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated
 
 
 async def drain(worker: Worker, *, until: Callable[[], bool], timeout: float = 60.0) -> None:

@@ -101,3 +101,35 @@ def test_concurrent_read_then_write_transactions_all_succeed(engine, db_url):
     with Session(wide) as session:
         assert len(session.exec(select(GuildSettings)).all()) == 20
     wide.dispose()
+
+
+@pytest.mark.postgres
+def test_a_connection_dropped_while_idle_in_the_pool_is_replaced_unnoticed(postgres_url, monkeypatch):
+    """No ping on every checkout, yet one the server closed while it sat in the pool is never handed out."""
+    from worker import db
+
+    monkeypatch.setattr(db, "PING_AFTER_IDLE", 0.0)
+    engine = make_engine(postgres_url)
+    with engine.connect() as conn:
+        victim = conn.scalar(sa.text("SELECT pg_backend_pid()"))
+    admin = make_engine(postgres_url)
+    with admin.connect() as conn:  # the server drops it (a restart, an admin, a proxy)
+        assert conn.scalar(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": victim})
+    admin.dispose()
+    with engine.connect() as conn:
+        assert conn.scalar(sa.text("SELECT pg_backend_pid()")) != victim
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_connection_in_steady_use_is_not_pinged(postgres_url, monkeypatch):
+    """Checkouts in quick succession cost no extra round trip."""
+    engine = make_engine(postgres_url)
+    pings = []
+    original = engine.dialect.do_ping
+    monkeypatch.setattr(engine.dialect, "do_ping", lambda conn: pings.append(1) or original(conn))
+    for _ in range(20):
+        with engine.connect() as conn:
+            conn.scalar(sa.text("SELECT 1"))
+    assert pings == []
+    engine.dispose()

@@ -293,8 +293,9 @@ async def test_a_webhook_resume_checks_the_provider_at_once(engine, settings):
     """resume() polls one attempt now instead of at its scheduled time, and wakes the job."""
     _member(engine, 5)
     kicks = []
-    worker = Worker(engine, settings, kick=kicks.append)
-    job_id = _submit(engine, settings)
+    quick = Settings(**{**settings.model_dump(), "fake_latency": 0.3})  # not done at once: the unit ends waiting
+    worker = Worker(engine, quick, kick=kicks.append)
+    job_id = _submit(engine, quick)
     await worker.work_once()
     with Session(engine) as s:
         (attempt,) = s.exec(select(Attempt).where(Attempt.job_id == job_id)).all()
@@ -303,6 +304,7 @@ async def test_a_webhook_resume_checks_the_provider_at_once(engine, settings):
         s.add(attempt)
         s.commit()
     assert await worker.poll_due() == 0
+    await asyncio.sleep(0.3)  # the generation ends; its check is not due for an hour
     assert await worker.resume(attempt_id) is True and kicks == [1]
     assert await worker.resume(attempt_id) is False  # a replayed webhook changes nothing
     await drain(worker, until=_finished(engine, job_id))
@@ -390,3 +392,58 @@ async def test_a_worker_that_loses_its_lease_stops_writing_to_the_job(engine, se
     with Session(engine) as s:
         (attempt,) = s.exec(select(Attempt).where(Attempt.job_id == job_id)).all()
     assert attempt.state == "submitting" and not attempt.handle  # the stalled submit never completed
+
+
+async def test_a_generation_done_as_soon_as_submitted_is_collected_in_the_same_unit(engine, settings):
+    """An instant local provider: one unit takes the job from queued to its clip, with no poll in between."""
+    _member(engine, 5)
+    worker = Worker(engine, settings)
+    job_id = _submit(engine, settings)
+    assert await worker.work_once() == job_id
+    assert _job(engine, job_id).state == "succeeded"
+    assert (worker.stats.units, worker.stats.polls) == (1, 0)
+    assert _kinds(engine, job_id) == ["queued", "started", "generating", "post-processing", "succeeded"]
+    with Session(engine) as s:
+        (attempt,) = s.exec(select(Attempt).where(Attempt.job_id == job_id)).all()
+        stages = [st.stage for st in s.exec(select(JobStage).where(JobStage.job_id == job_id).order_by(JobStage.id))]
+    assert (attempt.state, attempt.verdict, attempt.report["state"]) == ("finished", "accepted", "succeeded")
+    assert stages == ["validate", "classify", "enhance", "route", "prompt", "generate", "check", "post-process",
+                      "encode", "store"]
+
+
+async def test_a_unit_working_from_a_stale_row_cannot_move_the_job(engine, settings):
+    """Moves are conditional on the state the unit knows: a unit that lost the job to another writes nothing."""
+    from worker.jobs import load_job
+    from worker.models import IllegalTransition
+    from worker.pipeline import Pipeline
+
+    _member(engine, 5)
+    job_id = _submit(engine, settings)
+    stale = load_job(engine, job_id)
+    with Session(engine) as s:  # meanwhile another worker took the job and moved it on
+        job = s.get(Job, job_id)
+        job.state = "validating"
+        s.add(job)
+        s.commit()
+    with pytest.raises(IllegalTransition, match="another worker"):
+        await Pipeline(engine, settings).advance(job_id, job=stale)
+    assert _kinds(engine, job_id) == ["queued"]
+
+
+async def test_a_unit_cut_short_by_a_lost_database_connection_is_retried_without_counting_a_recovery(
+        engine, settings, monkeypatch):
+    """The database dropping the connection is not the job's fault: retried, and no step nearer max_recoveries."""
+    import sqlalchemy as sa
+
+    _member(engine, 5)
+    worker = Worker(engine, settings)
+    job_id = _submit(engine, settings)
+
+    async def dropped(*args, **kwargs):
+        raise sa.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection"),
+                                      connection_invalidated=True)
+
+    monkeypatch.setattr(worker.pipeline, "advance", dropped)
+    assert await worker.work_once() == job_id
+    job = _job(engine, job_id)
+    assert (job.state, job.recoveries, job.lease_owner) == ("queued", 0, None) and job.next_run_at is not None

@@ -7,7 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from worker import scheduler
 from worker.jobs import JobParams, create_job
@@ -134,3 +134,52 @@ def test_overdue_finds_old_unfinished_jobs_nobody_holds(engine, tmp_path):
                 lease_expires_at=utcnow() + timedelta(minutes=1))
     assert scheduler.overdue(engine, settings) == [old]
     assert held not in scheduler.overdue(engine, settings)
+
+
+def test_queue_position_matches_the_fair_order_of_the_whole_queue(engine, tmp_path):
+    """The database's count of jobs ahead agrees with fair_order over every queued job, whatever the mix."""
+    import random
+
+    rng = random.Random(7)
+    settings = Settings(data_dir=tmp_path)
+    accounts = _accounts(engine, 4)
+    for _ in range(40):  # queued, started, leased and finished jobs of four members and the operator
+        owner = rng.choice([*accounts, None])
+        kind = rng.choice(["queued", "queued", "queued", "started", "leased", "finished"])
+        fields = {"started": {"state": "generating"}, "finished": {"state": "succeeded"},
+                  "leased": {"lease_owner": "w", "lease_expires_at": utcnow() + timedelta(minutes=1)}}
+        _job(engine, owner, **fields.get(kind, {}))
+    with Session(engine) as s:
+        jobs = s.exec(select(Job).order_by(Job.id)).all()
+    waiting = [(j.id, j.account_id) for j in jobs if j.state == "queued" and j.lease_owner is None]
+    started: dict[int, int] = {}
+    for j in jobs:
+        if j.account_id is not None and j.state != "succeeded" and (j.state != "queued" or j.lease_owner):
+            started[j.account_id] = started.get(j.account_id, 0) + 1
+    expected = scheduler.fair_order(waiting, started)
+    assert [scheduler.position(engine, settings, job_id)[0] for job_id in expected] == list(
+        range(1, len(expected) + 1))
+
+
+def test_candidates_are_jobs_under_way_then_the_fair_order_of_the_ready_queue(engine):
+    """The one query claims use agrees with fair_order on a mix of members, leases and states."""
+    import random
+
+    rng = random.Random(11)
+    accounts = _accounts(engine, 3)
+    for _ in range(30):
+        owner = rng.choice([*accounts, None])
+        kind = rng.choice(["queued", "queued", "queued", "under way", "waiting", "leased"])
+        fields = {"under way": {"state": "checking"}, "waiting": {"state": "generating", "next_run_at": None},
+                  "leased": {"lease_owner": "w", "lease_expires_at": utcnow() + timedelta(minutes=1)}}
+        _job(engine, owner, **fields.get(kind, {}))
+    with Session(engine) as s:
+        jobs = s.exec(select(Job).order_by(Job.id)).all()
+    free = [j for j in jobs if j.lease_owner is None and j.next_run_at is not None]
+    under_way = [j.id for j in sorted(free, key=lambda j: (j.next_run_at, j.id)) if j.state != "queued"]
+    started: dict[int, int] = {}
+    for j in jobs:
+        if j.account_id is not None and (j.state != "queued" or j.lease_owner):
+            started[j.account_id] = started.get(j.account_id, 0) + 1
+    fair = scheduler.fair_order([(j.id, j.account_id) for j in free if j.state == "queued"], started)
+    assert scheduler.candidates(engine, limit=100) == under_way + fair

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,8 @@ SECRET = b"test-secret"
 
 @pytest.fixture
 async def setup(tmp_path):
-    settings = Settings(data_dir=tmp_path, output_long_side=256)
+    # A generation that takes a moment: one done as soon as submitted is collected in the same unit.
+    settings = Settings(data_dir=tmp_path, output_long_side=256, fake_latency=0.2)
     db = init_db(settings)
     kicks: list[int] = []
     worker = Worker(db, settings, kick=kicks.append)
@@ -35,6 +37,7 @@ async def setup(tmp_path):
 async def _running_attempt(settings, db, worker, *, with_id=False):
     submit(db, settings, image=SAMPLE.read_bytes(), params=JobParams(prompt="p", duration=1, backend="fake"))
     await worker.work_once()
+    await asyncio.sleep(0.2)  # the generation is done, and nobody has asked yet
     with Session(db) as s:
         attempt = s.exec(select(Attempt)).one()
     return (attempt.id, attempt.provider_id) if with_id else attempt.id
