@@ -785,17 +785,21 @@ class FalBackend(Backend):
         except (httpx.HTTPError, TimeoutError) as exc:
             raise _transport_error(exc, during=during) from exc
 
-    async def result(self, handle: Handle) -> GenerationResult:
-        """Fetch the result, download the clip (size-capped, allowed hosts only), fit it to the requested size."""
-        model = self._model(handle)
+    async def _result_payload(self, handle: Handle, model: Model) -> Any:
+        """The JSON of a finished request's result."""
         fal_handle = await self._handle(handle, model)
         response = await self._get(fal_handle, model=model, during="result")
         if response.status_code >= 400:
             raise _response_error(response, model=model, during="result")
         try:
-            payload = response.json()
+            return response.json()
         except ValueError as exc:
             raise BackendUnavailable(f"fal's result for {model.name} is not JSON", backend=self.name) from exc
+
+    async def result(self, handle: Handle) -> GenerationResult:
+        """Fetch the result, download the clip (size-capped, allowed hosts only), fit it to the requested size."""
+        model = self._model(handle)
+        payload = await self._result_payload(handle, model)
         file = payload.get(model.output) if isinstance(payload, dict) else None
         if not isinstance(file, dict) or not isinstance(file.get("url"), str):
             keys = ", ".join(sorted(payload)) if isinstance(payload, dict) else type(payload).__name__
@@ -862,14 +866,7 @@ class FalBackend(Backend):
             await asyncio.sleep(STILL_POLL_S)
         if report.state is not State.SUCCEEDED:
             raise report.error or BackendUnavailable(f"{model.name} was {report.state.value}", backend=self.name)
-        fal_handle = await self._handle(handle, model)
-        response = await self._get(fal_handle, model=model, during="result")
-        if response.status_code >= 400:
-            raise _response_error(response, model=model, during="result")
-        try:
-            payload = response.json()
-        except ValueError as exc:
-            raise BackendUnavailable(f"fal's result for {model.name} is not JSON", backend=self.name) from exc
+        payload = await self._result_payload(handle, model)
         files = payload.get(model.output) if isinstance(payload, dict) else None
         file = files[0] if isinstance(files, list) and files else files
         if not isinstance(file, dict) or not isinstance(file.get("url"), str):
