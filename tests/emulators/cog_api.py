@@ -65,6 +65,8 @@ from PIL import Image
 from backends import animator, video
 from backends.base import CameraMove
 
+from .server import LocalServer, cancel_tasks
+
 AT_CAPACITY = {"error": "At capacity - all prediction slots busy", "status": "failed"}
 MAX_SIDE = 512
 
@@ -100,7 +102,7 @@ class Prediction:
         return body
 
 
-class CogEmulator:
+class CogEmulator(LocalServer):
     """An aiohttp app speaking coglet's prediction API (see the module docstring)."""
 
     def __init__(
@@ -112,6 +114,7 @@ class CogEmulator:
         webhook_retries: int = 6,
         webhook_backoff: float = 0.2,
     ) -> None:
+        super().__init__()
         self.slots = slots
         self.output_mode = output_mode
         self.input_schema = input_schema
@@ -130,14 +133,12 @@ class CogEmulator:
         self.poisoned = 0
         self.started_at = _now()
         self.url = ""
-        self._runner: web.AppRunner | None = None
         self._client: aiohttp.ClientSession | None = None
         self._senders: set[asyncio.Task[None]] = set()
 
     # -- life cycle ---------------------------------------------------------------------------------
 
-    async def start(self) -> CogEmulator:
-        """Listen on a free port of 127.0.0.1."""
+    def _make_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._log])
         app.router.add_get("/", self._index)
         app.router.add_get("/health-check", self._health)
@@ -146,35 +147,20 @@ class CogEmulator:
         app.router.add_get("/predictions/{id}", self._get)
         app.router.add_post("/predictions/{id}/cancel", self._cancel)
         app.router.add_get("/files/{name}", self._file)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-        self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
-        return self
+        return app
 
-    async def stop(self) -> None:
-        """Stop every prediction and the server."""
+    async def _on_start(self) -> None:
+        self.url = self.base_url
+        self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+
+    async def _on_stop(self) -> None:
+        """Stop every prediction and webhook."""
         for p in self.predictions.values():
             p.lost = True
-            if p.task is not None:
-                p.task.cancel()
-        for task in list(self._senders):
-            task.cancel()
-        await asyncio.gather(*self._senders, *(p.task for p in self.predictions.values() if p.task),
-                             return_exceptions=True)
+        await cancel_tasks(*self._senders, *(p.task for p in self.predictions.values() if p.task))
         if self._client is not None:
             await self._client.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def __aenter__(self) -> CogEmulator:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+            self._client = None
 
     def restart(self) -> None:
         """The server process restarts: every prediction is gone without a webhook; setup time changes."""

@@ -114,6 +114,8 @@ from urllib.parse import unquote
 
 from aiohttp import WSMsgType, web
 
+from .server import LocalServer
+
 __all__ = [
     "Attachment",
     "Channel",
@@ -734,7 +736,7 @@ def _image_size(data: bytes) -> tuple[int | None, int | None]:
 # ------------------------------------------------------------------------------------------------- the emulator
 
 
-class DiscordEmulator:
+class DiscordEmulator(LocalServer):
     """Discord's REST API, gateway and CDN on 127.0.0.1; see the module docstring for the test API.
 
     ``DiscordEmulator(token="fake", ack_deadline=3.0, token_ttl=900.0)`` then ``async with emu:`` (or
@@ -754,6 +756,7 @@ class DiscordEmulator:
         heartbeat_interval_ms: int = 41250,
         privileged_intents: int = 0,
     ) -> None:
+        super().__init__()
         self.token = token
         self.ack_deadline = ack_deadline
         self.token_ttl = token_ttl
@@ -798,47 +801,23 @@ class DiscordEmulator:
         self._session: _Session | None = None
         self._conns: set[_Connection] = set()
         self._changed = asyncio.Event()
-        self._runner: web.AppRunner | None = None
-        self.port: int | None = None
         self._routes = self._build_routes()
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
-    async def start(self) -> DiscordEmulator:
-        """Listen on a free port of 127.0.0.1."""
+    def _make_app(self) -> web.Application:
         app = web.Application(client_max_size=1024 * MIB)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-        return self
+        return app
 
-    async def stop(self) -> None:
-        """Close every websocket and stop listening."""
+    async def _on_stop(self) -> None:
+        """Close every websocket (1001, going away) before the server stops listening."""
         for conn in list(self._conns):
             conn.closed = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.ws.close(code=1001, message=b"emulator stopping"), 1.0)
             if conn.writer is not None:
                 conn.writer.cancel()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> DiscordEmulator:
-        return await self.start()
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
-
-    @property
-    def base_url(self) -> str:
-        """``http://127.0.0.1:PORT``."""
-        if self.port is None:
-            raise RuntimeError("the emulator is not started")
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def api_base(self) -> str:

@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import io
 import json
@@ -92,6 +91,8 @@ from PIL import Image
 
 from backends.fake import paint_picture
 from backends.video import VideoWriter
+
+from .server import LocalServer, cancel_tasks
 
 __all__ = ["APPS", "AppSpec", "Delivery", "FalEmulator", "Job", "Request"]
 
@@ -301,12 +302,15 @@ def _render_clip(image: np.ndarray | None, kind: str, size: tuple[int, int], sec
         return path.read_bytes()
 
 
-class FalEmulator:
+class FalEmulator(LocalServer):
     """fal's queue API, JWKS and a file host on 127.0.0.1; see the module docstring for the test API.
 
     ``FalEmulator(key="test-fal-key", clip_size=(256, 144), clip_seconds=1.0, clip_fps=24, output="data")``
-    then ``async with emu:``. Knobs are plain attributes, settable at any time.
+    then ``async with emu:``. Knobs are plain attributes, settable at any time. ``base_url`` is both the queue
+    URL (``settings.fal_queue_url``) and the file host.
     """
+
+    shutdown_timeout = 0.1
 
     def __init__(
         self,
@@ -318,6 +322,7 @@ class FalEmulator:
         clip_fps: int = 24,
         output: str = "data",
     ) -> None:
+        super().__init__()
         self.key = key
         self.user_id = user_id
         self.clip_size = clip_size
@@ -342,45 +347,17 @@ class FalEmulator:
         self._forger = Ed25519PrivateKey.generate()
         self._injections: list[_Injection] = []
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._runner: web.AppRunner | None = None
-        self.port: int | None = None
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
-    async def start(self) -> FalEmulator:
-        """Listen on a free port of 127.0.0.1."""
+    def _make_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 2**20)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-        return self
+        return app
 
-    async def stop(self) -> None:
-        """Stop webhook deliveries and listening."""
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await task
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> FalEmulator:
-        return await self.start()
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
-
-    @property
-    def base_url(self) -> str:
-        """``http://127.0.0.1:PORT``: the queue URL (``settings.fal_queue_url``) and the file host."""
-        if self.port is None:
-            raise RuntimeError("the emulator is not started")
-        return f"http://127.0.0.1:{self.port}"
+    async def _on_stop(self) -> None:
+        """Stop webhook deliveries."""
+        await cancel_tasks(*self._tasks)
 
     @property
     def jwks_url(self) -> str:

@@ -51,7 +51,8 @@ faults                              ``throttle(retry_after=, times=, header=True
                                     unless ``detail=False``) and ``Retry-After`` (unless
                                     ``header=False``); ``fail_next(status=, times=, on="create"|"get"|
                                     "cancel"|"files"|"secret"|"list"|"any")``: an error answer, or
-                                    ``status=0`` to drop the connection
+                                    ``status=0`` to drop the connection; ``lose_answers = n``: the
+                                    next n creates start a prediction, then drop the connection
 auth                                ``token`` (``Authorization: Bearer <token>``, else 401)
 predictions                         ``predictions`` id → ``EmulatedPrediction`` (``.model``,
                                     ``.input``, ``.webhook``, ``.outcome``), ``prediction_json(id)``,
@@ -116,6 +117,8 @@ from PIL import Image
 from backends import animator, video
 from backends.base import CameraMove
 from backends.fake import _defective_frame, paint_picture
+
+from .server import LocalServer, cancel_tasks
 
 __all__ = ["EmulatedModel", "EmulatedPrediction", "Outcome", "ReplicateEmulator", "WebhookDelivery"]
 
@@ -290,11 +293,12 @@ def _new_id() -> str:
     return base64.b32encode(os.urandom(20)).decode().lower()[:26]
 
 
-class ReplicateEmulator:
+class ReplicateEmulator(LocalServer):
     """Replicate's HTTP API on 127.0.0.1; see the module docstring for the test API.
 
     ``ReplicateEmulator(token="r8_test")`` then ``async with emu:`` (or ``await emu.start()`` /
-    ``await emu.stop()``). Knobs are plain attributes, settable at any time.
+    ``await emu.stop()``). Knobs are plain attributes, settable at any time. Point the client's
+    ``base_url`` at ``emu.base_url``.
     """
 
     def __init__(
@@ -307,6 +311,7 @@ class ReplicateEmulator:
         clip_seconds: float = 1.0,
         clip_fps: int = 24,
     ) -> None:
+        super().__init__()
         self.token = token
         self.start_delay = start_delay
         self.latency = latency
@@ -326,49 +331,27 @@ class ReplicateEmulator:
         self.deliveries: list[WebhookDelivery] = []
         self._script: deque[Outcome] = deque()
         self._faults: list[_Fault] = []
+        #: The next this many creates start their prediction and then drop the connection unanswered.
+        self.lose_answers = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
-        self.port: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    async def start(self) -> ReplicateEmulator:
-        """Listen on a free port of 127.0.0.1."""
+    def _make_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        return self
+        return app
 
-    async def stop(self) -> None:
-        """Stop sending webhooks and listening."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+    async def _on_start(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+
+    async def _on_stop(self) -> None:
+        """Stop sending webhooks."""
+        await cancel_tasks(*self._tasks)
         if self._session is not None:
             await self._session.close()
             self._session = None
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> ReplicateEmulator:
-        return await self.start()
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
-
-    @property
-    def base_url(self) -> str:
-        """``http://127.0.0.1:PORT``: the client's ``base_url``."""
-        if self.port is None:
-            raise RuntimeError("the emulator is not started")
-        return f"http://127.0.0.1:{self.port}"
 
     # -- knobs -------------------------------------------------------------------------------------
 
@@ -585,6 +568,11 @@ class ReplicateEmulator:
         self.predictions[p.id] = p
         if webhook:
             self._spawn(self._send_webhooks(p))
+        if self.lose_answers > 0:  # created and running, but the client never hears of it
+            self.lose_answers -= 1
+            assert request.transport is not None
+            request.transport.abort()
+            raise _Answer(web.Response(status=499))
         wait = _prefer_wait(request.headers.get("Prefer", ""))
         if wait:
             deadline = time.monotonic() + wait
