@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -525,6 +525,17 @@ class Backend(ABC):
     @abstractmethod
     async def cancel(self, handle: Handle) -> None:
         """Stop the work behind ``handle`` if it still runs; idempotent."""
+
+    async def recover(self, request: GenerationRequest, *, since: float, known: Collection[str] = ()) -> Handle | None:
+        """The generation a lost submit of ``request`` started, if the provider has one; else None.
+
+        A submit whose answer never arrived (a timeout, a dropped connection, the worker dying before it
+        recorded the handle) may still have started a billed generation. Before submitting again the
+        job system asks here; ``since`` (epoch seconds) is when the lost submit began, ``known`` the
+        provider ids it already holds (never the lost one). The default finds nothing: right for backends
+        whose submit is idempotent (Cog's ``PUT`` with our key) or that cannot list what they run.
+        """
+        return None
 
     async def verify_webhook(self, headers: Mapping[str, str], body: bytes) -> WebhookNotice:
         """Check a webhook call from the provider (signature, age, replay) and say what it is about.

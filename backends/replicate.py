@@ -67,6 +67,7 @@ import contextlib
 import contextvars
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -76,8 +77,9 @@ import tomllib
 import urllib.parse
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,7 @@ import httpx
 import replicate
 from PIL import Image
 from replicate.exceptions import ReplicateError
+from replicate.helpers import base64_encode_file
 from replicate.prediction import Prediction
 from replicate.webhook import (
     InvalidSecretKeyError,
@@ -140,6 +143,8 @@ WEBHOOK_IDS_KEPT = 10_000
 #: How often, at most, a bad signature makes us fetch the signing secret again (it may have rotated).
 SECRET_REFRESH_SECONDS = 600.0
 DEFAULT_RETRY_AFTER = 5.0
+#: How far Replicate's clock may be from ours when looking for a lost create's prediction, seconds.
+CLOCK_SKEW_S = 30.0
 _MAX_REDIRECTS = 3
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _AVAILABLE_IN = re.compile(r"available in (\d+(?:\.\d+)?) ?s", re.IGNORECASE)
@@ -150,6 +155,8 @@ _REFUSAL = re.compile(
 _INVALID = re.compile(r"invalid|validation|must be|too (small|large)", re.IGNORECASE)
 _VIDEO_TYPES = ("video/", "application/octet-stream", "binary/octet-stream")
 _IMAGE_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
+
+log = logging.getLogger(__name__)
 
 #: The ``Retry-After`` of the last 429 this task received (set by an httpx response hook: the client's
 #: ReplicateError keeps only the body).
@@ -545,9 +552,48 @@ class ReplicateBackend(Backend):
                 prediction = await self.client.models.predictions.async_create(model=entry.id, input=inp, **params)
             else:
                 prediction = await self.client.predictions.async_create(version=entry.version, input=inp, **params)
+        return self._handle(prediction.id, entry, request, ignored=ignored, seconds=seconds, price=price)
+
+    async def recover(self, request: GenerationRequest, *, since: float, known: Collection[str] = ()) -> Handle | None:
+        """Find the prediction a lost create started: Replicate takes no idempotency key.
+
+        The newest predictions are listed (one page, newest first) back to ``since``; each one of the same
+        model that the job system does not already hold (``known``: an earlier attempt of this job has the
+        same prompt) is fetched and adopted if its plain inputs (prompt, seed, duration, …) are the request's.
+        """
+        entry = self.catalogue.get(request.model)
+        if entry is None or self.refusals(request):
+            return None
+        inp, ignored, seconds, price = entry.build_input(request)
+        files = {k: v for k, v in inp.items() if isinstance(v, Path)}
+        if any(f.stat().st_size > INLINE_IMAGE_BYTES for f in files.values()):
+            return None  # uploaded, so the input holds a file URL: another job's prediction could look the same
+        expected = {k: v for k, v in inp.items() if isinstance(v, str | int | float | bool)}
+        for key, path in files.items():  # the data URI the client sent, byte for byte
+            with path.open("rb") as fh:
+                expected[key] = base64_encode_file(fh)
+        async with self._calls("list recent predictions"):
+            page = await self.client.predictions.async_list()
+        for listed in page.results:
+            created = _epoch(listed.created_at)
+            if created is not None and created < since - CLOCK_SKEW_S:
+                break  # newest first: the rest are older than the lost create
+            if listed.model != entry.id or listed.status in ("failed", "canceled") or listed.id in known:
+                continue  # a failed or canceled one is not worth adopting: it is submitted again
+            async with self._calls("fetch a prediction"):
+                full = await self.client.predictions.async_get(listed.id)
+            if all((full.input or {}).get(k) == v for k, v in expected.items()):
+                log.info("recovered Replicate prediction %s for %s", full.id, request.key)
+                return self._handle(full.id, entry, request, ignored=ignored, seconds=seconds, price=price)
+        return None
+
+    def _handle(
+        self, prediction_id: str, entry: Any, request: GenerationRequest, *, ignored: list[str], seconds: float,
+        price: float,
+    ) -> Handle:
         return Handle(
             self.name,
-            prediction.id,
+            prediction_id,
             {
                 "model": entry.id,
                 "output": str(request.output_dir / request.output_name),
@@ -935,3 +981,11 @@ def _cost(data: Mapping[str, Any], metrics: Mapping[str, Any], seconds: float) -
     if gpu and isinstance(predict_time, int | float):
         return round(gpu * float(predict_time), 6)
     return 0.0
+
+
+def _epoch(stamp: str | None) -> float | None:
+    """Replicate's ISO 8601 time (``2023-09-08T16:19:34.765994Z``) as epoch seconds; None if unreadable."""
+    try:
+        return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None

@@ -169,6 +169,8 @@ class Step:
 
 
 DONE = Step("done")
+#: How many of a backend's latest provider ids count as held when looking for a lost submit's generation.
+KNOWN_IDS_CHECKED = 5000
 
 
 @dataclass
@@ -703,10 +705,15 @@ class Pipeline:
         if latest is not None and latest.state == "running":
             return Step("wait", attempt_id=latest.id)
         if latest is not None and latest.state == "submitting":
-            # A worker died between creating the attempt and recording the provider's handle.
-            error = BackendUnavailable("the worker stopped while submitting; submitting again", backend=latest.backend)
-            self._end_attempt(run, latest, "error", error=error)
-        elif latest is not None and latest.state == "ready":
+            # A worker died between creating the attempt and recording the provider's handle: the provider
+            # may have started it. Adopt that generation if the backend can find it, else submit again.
+            if not await self._resume_lost_submit(run, latest):
+                error = BackendUnavailable("the worker stopped while submitting; submitting again",
+                                           backend=latest.backend)
+                self._end_attempt(run, latest, "error", error=error)
+            elif latest.state == "running":
+                return Step("wait", attempt_id=latest.id)
+        if latest is not None and latest.state == "ready":
             await self._collect(run, latest)
         while True:
             if self._covered_all(run) or len(run.loop.candidates) >= self.settings.best_of:
@@ -804,10 +811,7 @@ class Pipeline:
         if loop.attempt > 1:
             loop.seed = random.randrange(2**31)
         run.segment_duration = self._next_segment(run)
-        out_name = artifacts.artifact_name(
-            "generate", backend.name, run.model or "", run.camera.value, f"m{loop.motion}", f"s{loop.seed}",
-            f"a{loop.attempt}", ext="mp4",
-        )
+        out_name = self._out_name(run, backend)
         # The attempt row and the loop position are written before the provider hears of it: after a
         # crash the job finds the attempt and never submits it twice without knowing.
         with Session(self.engine, expire_on_commit=False) as session:
@@ -823,21 +827,74 @@ class Pipeline:
             attempt_id = attempt.id
         request = self._request(run, backend, out_name=out_name, webhook_url=self._webhook_url(backend, attempt_id))
         self._progress("generate", 0.0)
+        adopted = False
         try:
             handle = await backend.submit(request)
         except BackendError as exc:
-            self._record(run, "generate", "failed", 0.0, utcnow(), {"code": exc.code, "message": exc.message})
-            self._end_attempt(run, attempt, "error", error=exc)
-            return None
+            # An answer lost on the way back (a timeout, a dropped connection) may hide a started, billed
+            # generation: adopt it rather than start a second one. A refusal (4xx, 429) started nothing.
+            recovered = await self._recover(backend, request, attempt) if exc.transient and not isinstance(
+                exc, RateLimited) else None
+            if recovered is None:
+                self._record(run, "generate", "failed", 0.0, utcnow(), {"code": exc.code, "message": exc.message})
+                self._end_attempt(run, attempt, "error", error=exc)
+                return None
+            handle, adopted = recovered, True
+        # A local backend (no network) is asked at once, as is an adopted generation (its webhook may have
+        # come and gone while nobody held it); a remote one is left to its webhook and the polls.
+        await self._record_handle(attempt, handle, ask=not backend.capabilities.needs_network or adopted)
+        return attempt
+
+    async def _record_handle(self, attempt: Attempt, handle: Handle, *, ask: bool) -> None:
+        """Save the provider's handle on ``attempt`` (running, or ready if ``ask`` finds it already done)."""
         now = utcnow()
         fields: dict[str, Any] = dict(handle=handle.to_json(), state="running", provider_id=handle.id,
                                       started_at=now, next_poll_at=now)
         attempt.sqlmodel_update(fields)
-        if not backend.capabilities.needs_network and (report := await self._answer_at_once(attempt)):
+        if ask and (report := await self._answer_at_once(attempt)):
             fields.update(state="ready", report=report, next_poll_at=None)  # never polled
             attempt.sqlmodel_update(fields)
-        self._update_attempt(run.job.id, loop.attempt, **fields)
-        return attempt
+        self._update_attempt(attempt.job_id, attempt.number, **fields)
+
+    def _out_name(self, run: _Run, backend: Backend) -> str:
+        """The file name of the loop's current attempt."""
+        loop = run.loop
+        return artifacts.artifact_name(
+            "generate", backend.name, run.model or "", run.camera.value, f"m{loop.motion}", f"s{loop.seed}",
+            f"a{loop.attempt}", ext="mp4",
+        )
+
+    async def _recover(self, backend: Backend, request: GenerationRequest, attempt: Attempt) -> Handle | None:
+        """The generation a lost submit of ``attempt`` started at the provider, or None."""
+        started = attempt.started_at if attempt.started_at.tzinfo else attempt.started_at.replace(tzinfo=UTC)
+        # Generations already held (this job's earlier attempts, a retried job with the same picture and
+        # prompt) may have the same inputs: only one nobody holds can be the lost one.
+        with Session(self.engine) as session:
+            known = {i for i in session.exec(
+                select(Attempt.provider_id).where(Attempt.backend == backend.name)
+                .order_by(Attempt.id.desc()).limit(KNOWN_IDS_CHECKED)) if i}  # type: ignore[union-attr]
+        try:
+            handle = await backend.recover(request, since=started.timestamp(), known=known)
+        except BackendError as exc:
+            log.warning("attempt %s: could not look for the generation of a lost submit: %s", attempt.id, exc)
+            return None
+        if handle is not None:
+            log.info("attempt %s: adopted %s's generation %s instead of submitting again", attempt.id,
+                     backend.name, handle.id)
+        return handle
+
+    async def _resume_lost_submit(self, run: _Run, attempt: Attempt) -> bool:
+        """Adopt the generation a crashed unit's submit started; whether one was found (``attempt`` is updated)."""
+        backend = self.backend(attempt.backend)
+        run.backend, run.model = backend, attempt.model  # the loop (seed, motion, number) was saved with it
+        run.segment_duration = float(attempt.result.get("duration") or run.segment_duration)
+        request = self._request(run, backend, out_name=self._out_name(run, backend),
+                                webhook_url=self._webhook_url(backend, attempt.id))
+        handle = await self._recover(backend, request, attempt)
+        if handle is None:
+            return False
+        await self._record_handle(attempt, handle, ask=True)
+        return True
 
     async def _answer_at_once(self, attempt: Attempt) -> dict[str, Any] | None:
         """A just-submitted attempt's final report if it already has one; None while it runs."""

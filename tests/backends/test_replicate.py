@@ -8,6 +8,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from unittest.mock import ANY
 
 import httpx
 import numpy as np
@@ -447,6 +448,22 @@ async def test_cancelling_a_finished_prediction_leaves_it_succeeded(backend, emu
     await emu.wait_until_done(handle.id)
     await backend.cancel(handle)
     assert (await backend.status(handle)).state is State.SUCCEEDED
+
+
+async def test_recover_finds_the_prediction_a_lost_create_started(backend, emu, picture, tmp_path):
+    """No idempotency key: a create whose answer was lost is found again by its model and plain inputs."""
+    since = time.time()
+    request = req(picture, tmp_path, seed=11, model="wan-video/wan-2.2-i2v-a14b")
+    handle = await backend.submit(request)  # as if its answer had been lost on the way back
+    other = await backend.submit(req(picture, tmp_path, seed=12, model="wan-video/wan-2.2-i2v-a14b"))
+
+    found = await backend.recover(request, since=since)
+    assert found is not None and found.id == handle.id and found.data == {**handle.data, "submitted": ANY}
+    assert await backend.recover(request, since=since, known={handle.id}) is None  # an earlier attempt's
+    assert await backend.recover(req(picture, tmp_path, seed=13, model="wan-video/wan-2.2-i2v-a14b"),
+                                 since=since) is None
+    assert await backend.recover(request, since=time.time() + 3600) is None  # older than the lost create
+    assert other.id != handle.id and len(emu.creates) == 2  # looking never creates
 
 
 # -- outputs ----------------------------------------------------------------------------------------

@@ -143,6 +143,8 @@ def _scripts_used_up(request):
         assert not emus.replicate._script and all(f.times == 0 for f in emus.replicate._faults)
         assert not emus.fal.outcomes and all(i.times == 0 for i in emus.fal._injections)
         assert not emus.cog.put_errors
+        # A fresh Replicate account for the next test: a lost create is looked for among recent predictions.
+        emus.replicate.predictions.clear()
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
@@ -425,6 +427,51 @@ async def test_an_outage_is_retried_until_the_provider_delivers(tmp_path, emulat
         assert [(a.verdict, a.error_code) for a in attempts] == [
             ("error", "unavailable"), ("error", "unavailable"), ("accepted", None)]
         assert "500" in attempts[0].error_message and "out of memory" in attempts[1].error_message
+        assert_charged(s, job_id, PROVIDERS["replicate"])
+        assert_settled(s, job_id)
+
+
+async def test_a_create_whose_answer_was_lost_is_adopted_not_started_twice(tmp_path, emulators):
+    """Replicate takes no idempotency key: after a dropped answer the job finds its prediction, so one is billed."""
+    emu = emulators.replicate
+    emu.lose_answers = 1
+    async with animabot(tmp_path, emulators, "replicate") as s:
+        job_id = s.submit()
+        await s.finish(job_id, poll=False)
+
+        [attempt] = s.attempts(job_id)
+        assert attempt.verdict == "accepted" and len(emu.predictions) == 1
+        assert attempt.provider_id == next(iter(emu.predictions))
+        assert_charged(s, job_id, PROVIDERS["replicate"])
+        assert_settled(s, job_id)
+    assert emu.lose_answers == 0
+
+
+class _DiesAfterCreating(ReplicateBackend):
+    """The real backend in a worker that dies once, right after Replicate accepted a prediction."""
+
+    name = "replicate"
+    died = False
+
+    async def submit(self, request):
+        handle = await super().submit(request)
+        if not _DiesAfterCreating.died:
+            _DiesAfterCreating.died = True
+            raise RuntimeError("the worker died before recording the prediction")
+        return handle
+
+
+async def test_a_worker_that_died_after_creating_is_followed_by_one_that_adopts_the_prediction(tmp_path, emulators):
+    """The redo finds the attempt still "submitting" and Replicate's prediction for it: it waits on that one."""
+    emu = emulators.replicate
+    _DiesAfterCreating.died = False
+    async with animabot(tmp_path, emulators, "replicate", make={"replicate": _DiesAfterCreating}) as s:
+        job_id = s.submit()
+        await s.finish(job_id, poll=False)
+
+        [attempt] = s.attempts(job_id)
+        assert _DiesAfterCreating.died and s.worker.stats.crashes == 1
+        assert attempt.verdict == "accepted" and len(emu.predictions) == 1
         assert_charged(s, job_id, PROVIDERS["replicate"])
         assert_settled(s, job_id)
 
