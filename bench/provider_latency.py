@@ -169,9 +169,9 @@ class Probe:
         probe = self
         mark_ready, poll, webhook, advance = Pipeline.mark_ready, Pipeline.poll, Worker.webhook, Pipeline.advance
 
-        async def noted_advance(pipeline: Pipeline, job_id: int) -> Any:
+        async def noted_advance(pipeline: Pipeline, job_id: int, **kw: Any) -> Any:
             probe.units.setdefault(job_id, []).append(time.time())
-            return await advance(pipeline, job_id)
+            return await advance(pipeline, job_id, **kw)
 
         def timed_result(result: Any) -> Any:
             async def timed(backend: Any, handle: Any) -> Any:
