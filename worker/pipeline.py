@@ -383,11 +383,15 @@ class Pipeline:
                     "paint_failed", f"could not paint a picture from the prompt ({exc.message}); nothing was "
                     "charged — try again later, or attach a picture",
                 ) from None
-            wait = max(min(self.settings.retry_backoff * 2 ** (tries - 1), 30.0), getattr(exc, "retry_after", 0.0))
+            wait = self._backoff(tries, exc)
             self._move(run, JobState.VALIDATING, detail={**run.job.detail, "paint": {**paint, "tries": tries}},
                        event=("retrying", {"attempt": tries, "backend": paint["backend"],
                                            "reason": f"painting the picture failed ({exc.message})"}))
             return Step("retry", at=time.time() + wait)
+
+    def _backoff(self, tries: int, error: BackendError) -> float:
+        """Wait before retrying after the ``tries``-th transient failure: doubling, at most 30 s, or as asked."""
+        return max(min(self.settings.retry_backoff * 2 ** (tries - 1), 30.0), getattr(error, "retry_after", 0.0))
 
     async def _paint(self, run: _Run, tries: int) -> dict[str, Any]:
         paint = run.job.detail["paint"]
@@ -1021,8 +1025,7 @@ class Pipeline:
                 loop.tries, loop.throttled = loop.tries - 1, loop.throttled + 1
                 loop.not_before = time.time() + error.retry_after
             elif error.transient:
-                wait = min(self.settings.retry_backoff * 2 ** (loop.attempt - 1), 30.0)
-                loop.not_before = time.time() + max(wait, getattr(error, "retry_after", 0.0))
+                loop.not_before = time.time() + self._backoff(loop.attempt, error)
             else:
                 loop.step_done = True  # this backend cannot do it: next on the route
             event = ("retrying", {"attempt": attempt.number, "backend": attempt.backend, "reason": error.message})
