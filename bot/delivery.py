@@ -56,7 +56,7 @@ class DiscordDelivery:
         self._last_edit: dict[int, float] = {}
         self._pending: dict[int, str] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
-        self._retry_notes: dict[int, tuple[int, str]] = {}  # job -> (attempt that was retried, why)
+        self._retry_notes: dict[int, str] = {}  # job -> the last retry's line, shown until the job ends
 
     async def __call__(self, event: JobEvent) -> None:
         """Show ``event`` in Discord; raising leaves it pending for another try."""
@@ -77,19 +77,20 @@ class DiscordDelivery:
         self._last_edit.pop(event.job_id, None)  # the job is over: nothing more to throttle
 
     def _status_text(self, event: JobEvent) -> str:
-        """The status line; the next attempt keeps the reason for the retry under it.
+        """The status line; after a retry, every later status keeps the reason under it until the end.
 
         Edits are coalesced, so "that one came out frozen, trying again" would often be replaced by
-        "generating (attempt 2 of 4)" before anyone saw it.
+        "generating (attempt 2 of 4)" or "smoothing…" before anyone saw it.
         """
         line = texts.status_line(event)
-        if event.kind == "retrying":
-            self._retry_notes[event.job_id] = (int(event.payload.get("attempt") or 0), line)
+        if event.final:
+            self._retry_notes.pop(event.job_id, None)
             return line
-        retried, note = self._retry_notes.pop(event.job_id, (None, ""))
-        if event.kind == "generating" and event.payload.get("attempt") == (retried or 0) + 1:
-            return f"{line}\n{note}"
-        return line
+        if event.kind == "retrying":
+            self._retry_notes[event.job_id] = line
+            return line
+        note = self._retry_notes.get(event.job_id)
+        return f"{line}\n{note}" if note else line
 
     # -- status message ------------------------------------------------------------------------
 

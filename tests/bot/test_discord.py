@@ -113,8 +113,11 @@ async def _clip_message(emu, channel, *, since_count=0, timeout=60.0):
     return await emu.wait_for(found, timeout=timeout)
 
 
-async def test_animate_acknowledges_at_once_and_delivers_the_clip_with_its_buttons(emu, bot):
+async def test_animate_acknowledges_at_once_and_delivers_the_clip_with_its_buttons(emu, bot, settings):
     """Deferred well inside 3 s; one status message edited through the states; the MP4 and six buttons."""
+    await bot.stop()  # generations that take a moment, as real ones do, so each state outlives an edit interval
+    bot.settings = settings.model_copy(update={"fake_latency": 0.5})
+    await bot.start()
     inter = emu.send_slash(emu.alice, emu.general, "animate", {"prompt": "slow push-in", "model": "fake:frozen,ok"},
                            attachments={"image": ("astronaut.png", PICTURE)})
     message = await _clip_message(emu, emu.general)
